@@ -1,0 +1,120 @@
+//! `phi4mm chat`: an interactive conversation. Lines starting with `/` are commands:
+//! `/image PATH` and `/audio PATH` attach media to the next message, `/system TEXT` sets the
+//! system message, `/reset` forgets the conversation, `/exit` quits.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use phi4mm::{MediaInput, Message, PromptInput};
+
+use crate::common::ModelArgs;
+use crate::run::{system_message, GenArgs};
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    /// System message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// JSON file with tool definitions.
+    #[arg(long)]
+    pub tools: Option<PathBuf>,
+}
+
+/// The conversation so far and the media bound to its markers.
+#[derive(Default)]
+struct Conversation {
+    messages: Vec<Message>,
+    images: Vec<MediaInput>,
+    audios: Vec<MediaInput>,
+    pending_images: Vec<PathBuf>,
+    pending_audios: Vec<PathBuf>,
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let (engine, load_s) = a.model.load()?;
+    eprintln!(
+        "loaded {} in {load_s:.1}s. Type a message; /image PATH, /audio PATH, /system TEXT, /reset, /exit.",
+        engine.model_dir().display()
+    );
+    let mut system = system_message(a.system.as_deref(), a.tools.as_ref())?;
+    let mut conv = Conversation::default();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            match name {
+                "exit" | "quit" => break,
+                "reset" => {
+                    conv = Conversation::default();
+                    eprintln!("(conversation cleared)");
+                }
+                "system" => {
+                    system = Some(Message::new("system", arg));
+                    eprintln!("(system message set)");
+                }
+                "image" | "audio" => {
+                    let p = PathBuf::from(arg.trim());
+                    if let Err(e) = std::fs::File::open(&p) {
+                        eprintln!("cannot read {}: {e}", p.display());
+                    } else if name == "image" {
+                        conv.pending_images.push(p);
+                    } else {
+                        conv.pending_audios.push(p);
+                    }
+                }
+                other => eprintln!("unknown command /{other}"),
+            }
+            continue;
+        }
+        let (ni, na) = (conv.pending_images.len(), conv.pending_audios.len());
+        let content = match phi4mm::prompt::user_content(line, ni, na) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        let mut messages: Vec<Message> = system.iter().cloned().collect();
+        messages.extend(conv.messages.iter().cloned());
+        messages.push(Message::new("user", content.clone()));
+        let mut req = a.gen.request(PromptInput::Chat(messages));
+        req.images = conv.images.clone();
+        req.images.extend(conv.pending_images.iter().cloned().map(MediaInput::Path));
+        req.audios = conv.audios.clone();
+        req.audios.extend(conv.pending_audios.iter().cloned().map(MediaInput::Path));
+        let stdout = std::io::stdout();
+        let result = engine.generate(&req, |step| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(step.text.as_bytes());
+            let _ = out.flush();
+            true
+        });
+        println!();
+        match result {
+            Ok(c) => {
+                conv.messages.push(Message::new("user", content));
+                conv.messages.push(Message::new("assistant", c.text));
+                conv.images = req.images;
+                conv.audios = req.audios;
+                conv.pending_images.clear();
+                conv.pending_audios.clear();
+            }
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Options shared by every subcommand: which model, which dtype, how many threads.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use phi4mm::{DType, Device, Engine, LoadOptions};
+
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model directory, or a hub id resolved in the Hugging Face cache.
+    #[arg(long, short = 'm', default_value = phi4mm::hub::OFFICIAL_ID)]
+    pub model: String,
+    /// Compute dtype: bf16 (default, fits the full model in 24 GiB), f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Worker threads (default: one per physical core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn dtype(&self) -> Result<DType> {
+        Ok(match self.dtype.as_str() {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => bail!("unknown --dtype `{other}` (use f32, bf16 or f16)"),
+        })
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = d.strip_prefix("cuda:").map_or(Ok(0), str::parse).context("bad cuda ordinal")?;
+                Device::new_cuda(ordinal).with_context(|| {
+                    "cannot open the CUDA device (is this a build with `--features cuda`?)"
+                })
+            }
+            other => bail!("unknown --device `{other}` (use cpu or cuda[:N])"),
+        }
+    }
+
+    /// Sets the thread count before the backend starts its pool.
+    pub fn apply_threads(&self) {
+        if let Some(n) = self.threads {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
+
+    /// Resolves and loads the model, with a progress bar on a terminal.
+    pub fn load(&self) -> Result<(Engine, f64)> {
+        self.apply_threads();
+        let dir: PathBuf = phi4mm::hub::resolve_model(&self.model)?;
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("loading {msg} {bar:40} {bytes}/{total_bytes} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(dir.display().to_string());
+        let b = bar.clone();
+        let opts = LoadOptions {
+            dtype: self.dtype()?,
+            device: self.device()?,
+            progress: Some(Box::new(move |done, total| {
+                b.set_length(total);
+                b.set_position(done);
+            })),
+        };
+        let t = Instant::now();
+        let engine = Engine::load(&dir, opts).with_context(|| format!("loading {}", dir.display()))?;
+        bar.finish_and_clear();
+        Ok((engine, t.elapsed().as_secs_f64()))
+    }
+}
+
+/// Peak resident memory of this process in bytes (Linux), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,55 @@
+//! `phi4mm`: run Phi-4-multimodal-instruct from the command line.
+//!
+//! `run` answers one prompt, `chat` keeps a conversation, `bench` measures speed. Arguments are
+//! validated here into library requests; everything else happens in the `phi4mm` crate.
+
+mod bench;
+mod chat;
+mod common;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "phi4mm", version, about = "Run Microsoft Phi-4-multimodal-instruct natively")]
+struct Cli {
+    /// More logging (-v debug, -vv trace); RUST_LOG also works.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one prompt (streams the reply to stdout).
+    Run(run::RunArgs),
+    /// Interactive multi-turn chat.
+    Chat(chat::ChatArgs),
+    /// Measure prefill and decode speed.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("phi4mm={level}")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,152 @@
+//! `phi4mm run`: one prompt in, the reply streamed out (or one JSON object with `--json`).
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use phi4mm::{GenerateRequest, MediaInput, Message, PromptInput, SamplingParams};
+
+use crate::common::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    /// System message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// JSON file with tool definitions (a list), placed in the system turn.
+    #[arg(long)]
+    pub tools: Option<PathBuf>,
+    /// Image file; repeat for several. Bound in order to <|image_N|> markers in the prompt.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// Audio file; repeat for several. Bound in order to <|audio_N|> markers in the prompt.
+    #[arg(long = "audio")]
+    pub audios: Vec<PathBuf>,
+    /// Print one JSON object (text, ids, logprobs, timings) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// PROMPT is a complete prompt string: no chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// The user message ("-" reads standard input).
+    pub prompt: String,
+}
+
+/// Sampling and length options shared by `run` and `chat`.
+#[derive(Args, Debug, Clone)]
+pub struct GenArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy (the model's default).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable); it is not included in the output.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long, hide = true)]
+    pub ignore_eos: bool,
+}
+
+impl GenArgs {
+    pub fn request(&self, prompt: PromptInput) -> GenerateRequest {
+        let mut req = GenerateRequest::new(prompt);
+        req.sampling = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        };
+        req.max_new_tokens = self.max_new_tokens;
+        req.stop = self.stop.clone();
+        req.ignore_eos = self.ignore_eos;
+        req
+    }
+}
+
+/// The system message with tools, if any (`tools` as Python's json.dumps writes it).
+pub fn system_message(system: Option<&str>, tools: Option<&PathBuf>) -> Result<Option<Message>> {
+    let tools = match tools {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read tools file {}", p.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("tools file {} is not valid JSON", p.display()))?;
+            Some(phi4mm::tokenizer::python_json(&v))
+        }
+        None => None,
+    };
+    if system.is_none() && tools.is_none() {
+        return Ok(None);
+    }
+    let mut m = Message::new("system", system.unwrap_or(""));
+    m.tools = tools;
+    Ok(Some(m))
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let prompt_text = if a.prompt == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
+        s
+    } else {
+        a.prompt.clone()
+    };
+    for p in a.images.iter().chain(&a.audios) {
+        std::fs::File::open(p).with_context(|| format!("cannot read {}", p.display()))?;
+    }
+    let prompt = if a.raw {
+        PromptInput::Raw(prompt_text)
+    } else {
+        let mut msgs = Vec::new();
+        if let Some(m) = system_message(a.system.as_deref(), a.tools.as_ref())? {
+            msgs.push(m);
+        }
+        let content = phi4mm::prompt::user_content(&prompt_text, a.images.len(), a.audios.len())?;
+        msgs.push(Message::new("user", content));
+        PromptInput::Chat(msgs)
+    };
+    let mut req = a.gen.request(prompt);
+    req.images = a.images.iter().cloned().map(MediaInput::Path).collect();
+    req.audios = a.audios.iter().cloned().map(MediaInput::Path).collect();
+    req.top_logprobs = if a.json { 5 } else { 0 };
+
+    let (engine, _) = a.model.load()?;
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let completion = engine.generate(&req, |step| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(step.text.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&completion)?);
+    } else {
+        println!();
+        tracing::info!(
+            prefill_tok_s = completion.timings.prefill_tok_s,
+            decode_tok_s = completion.timings.decode_tok_s,
+            "done"
+        );
+    }
+    Ok(())
+}

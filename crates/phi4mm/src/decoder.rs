@@ -1,0 +1,394 @@
+//! The Phi-4-mini text decoder (spec §2): token embedding, 32 pre-norm blocks of GQA attention
+//! with partial LongRoPE and a SiLU-gated MLP, final RMSNorm and the tied LM head.
+//! Follows `Phi4MultimodalModel` / `Phi3DecoderLayer` of transformers; the struct tree mirrors
+//! the checkpoint's names (`model.layers.{i}.self_attn.qkv_proj`, …).
+//!
+//! The decoder sees only embeddings: media features are merged into them by the engine.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::lora::{Adapter, LoraLinear};
+use crate::rope::{self, Rope};
+use crate::weights::{Scope, Weights};
+
+/// Named intermediate tensors collected during a forward call (for parity checks).
+pub type Taps = Vec<(String, Tensor)>;
+
+/// RMSNorm: normalise in f32, cast back, then multiply by the weight (spec §2.1).
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(s: &Scope, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: s.get("weight", &[dim], dtype)?,
+            eps,
+        })
+    }
+
+    /// `[n, dim]` → `[n, dim]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
+        }
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xn.to_dtype(x.dtype())?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Fused-qkv grouped-query attention.
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv_proj: LoraLinear,
+    o_proj: LoraLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(s: &Scope, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+        let hidden = cfg.hidden_size;
+        let loras = lora_set(cfg);
+        Ok(Attention {
+            qkv_proj: LoraLinear::load(&s.pp("qkv_proj"), hidden, (h + 2 * kv) * d, loras, dtype)?,
+            o_proj: LoraLinear::load(&s.pp("o_proj"), h * d, hidden, loras, dtype)?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    /// `x` `[n, hidden]` at positions `start..start+n` → `[n, hidden]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        start: usize,
+        cos_sin: &(Tensor, Tensor),
+        rope: &Rope,
+        cache: &mut KvCache,
+        adapter: Option<Adapter>,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let qkv = self.qkv_proj.forward(x, adapter)?; // [n, (h + 2kv)·d]
+        let split = |off: usize, heads: usize| -> Result<Tensor> {
+            // [n, heads·d] → [heads, n, d]
+            Ok(qkv.narrow(1, off, heads * d)?.reshape((n, heads, d))?.transpose(0, 1)?)
+        };
+        let q = split(0, h)?;
+        let k = split(h * d, kv)?;
+        let v = split((h + kv) * d, kv)?;
+        let (cos, sin) = cos_sin;
+        let q = rope::apply(&q, cos, sin, rope.rotary_dims())?; // [h, n, d]
+        let k = rope::apply(&k, cos, sin, rope.rotary_dims())?; // [kv, n, d]
+        let (keys, values) = cache.append(layer, start, &k, &v)?; // [kv, L, d]
+        let total = start + n;
+        let group = h / kv;
+
+        // Query head g·kv… grouped under its KV head: [kv, group·n, d].
+        let q = q.contiguous()?.reshape((kv, group * n, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?; // [kv, group·n, L]
+        let scores = if n > 1 {
+            let mask = causal_mask(start, n, x.device())?.to_dtype(scores.dtype())?;
+            scores
+                .reshape((kv, group, n, total))?
+                .broadcast_add(&mask)?
+                .reshape((kv, group * n, total))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())?;
+        let out = probs.matmul(&values.contiguous()?)?; // [kv, group·n, d]
+        let out = out.reshape((h, n, d))?.transpose(0, 1)?.reshape((n, h * d))?;
+        self.o_proj.forward(&out, adapter)
+    }
+}
+
+/// `[n, L]` additive mask: query `i` (position `start+i`) sees keys `0..=start+i`.
+fn causal_mask(start: usize, n: usize, device: &Device) -> Result<Tensor> {
+    let total = start + n;
+    let mut m = vec![0f32; n * total];
+    for i in 0..n {
+        for j in (start + i + 1)..total {
+            m[i * total + j] = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Tensor::from_vec(m, (n, total), device)?)
+}
+
+/// `gate_up_proj` (gate first, then up) → SiLU(gate)·up → `down_proj`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_up_proj: LoraLinear,
+    down_proj: LoraLinear,
+    inter: usize,
+}
+
+impl Mlp {
+    fn load(s: &Scope, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
+        let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let loras = lora_set(cfg);
+        Ok(Mlp {
+            gate_up_proj: LoraLinear::load(&s.pp("gate_up_proj"), hid, 2 * inter, loras, dtype)?,
+            down_proj: LoraLinear::load(&s.pp("down_proj"), inter, hid, loras, dtype)?,
+            inter,
+        })
+    }
+
+    /// `[n, hidden]` → `[n, hidden]`.
+    fn forward(&self, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
+        let gu = self.gate_up_proj.forward(x, adapter)?; // [n, 2·inter]
+        let gate = gu.narrow(1, 0, self.inter)?;
+        let up = gu.narrow(1, self.inter, self.inter)?;
+        let a = (candle_nn::ops::silu(&gate)? * up)?;
+        self.down_proj.forward(&a, adapter)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+fn lora_set(cfg: &ModelConfig) -> [(Adapter, Option<&crate::config::LoraConfig>); 2] {
+    [
+        (Adapter::Vision, cfg.vision_lora.as_ref()),
+        (Adapter::Speech, cfg.speech_lora.as_ref()),
+    ]
+}
+
+/// The whole decoder.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    embed_tokens: Tensor, // [vocab, hidden]
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>, // None: tied to embed_tokens
+    rope: Rope,
+    kv_heads: usize,
+    head_dim: usize,
+    heads: usize,
+    hidden: usize,
+    vocab: usize,
+    dtype: DType,
+    device: Device,
+    /// Upper bound on the bytes of one attention score matrix during prefill.
+    max_score_bytes: usize,
+}
+
+impl Decoder {
+    /// Loads `model.*` from the checkpoint in `dtype`.
+    pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let m = w.root().pp("model");
+        let (hid, vocab, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
+        let embed_tokens = m.pp("embed_tokens").get("weight", &[vocab, hid], dtype)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            layers.push(Layer {
+                input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), hid, eps, dtype)?,
+                self_attn: Attention::load(&l.pp("self_attn"), cfg, dtype)?,
+                post_attention_layernorm: RmsNorm::load(
+                    &l.pp("post_attention_layernorm"),
+                    hid,
+                    eps,
+                    dtype,
+                )?,
+                mlp: Mlp::load(&l.pp("mlp"), cfg, dtype)?,
+            });
+        }
+        let norm = RmsNorm::load(&m.pp("norm"), hid, eps, dtype)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(w.root().pp("lm_head").get("weight", &[vocab, hid], dtype)?)
+        };
+        Ok(Decoder {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg),
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim(),
+            heads: cfg.num_attention_heads,
+            hidden: hid,
+            vocab,
+            dtype,
+            device: device.clone(),
+            max_score_bytes: 256 << 20,
+        })
+    }
+
+    /// The rotary tables (for the engine's long/short decisions).
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Vocabulary size of the LM head.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// Hidden width.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    /// Activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Whether every layer carries `adapter`.
+    pub fn has_adapter(&self, adapter: Adapter) -> bool {
+        self.layers.iter().all(|l| {
+            l.self_attn.qkv_proj.has(adapter)
+                && l.self_attn.o_proj.has(adapter)
+                && l.mlp.gate_up_proj.has(adapter)
+                && l.mlp.down_proj.has(adapter)
+        })
+    }
+
+    /// Token embeddings `[n, hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.vocab) {
+            return Err(Error::Request(format!(
+                "token id {bad} is outside the vocabulary ({} entries)",
+                self.vocab
+            )));
+        }
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self.embed_tokens.index_select(&ids, 0)?)
+    }
+
+    /// An empty KV cache with room for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::new(
+            self.layers.len(),
+            self.kv_heads,
+            self.head_dim,
+            capacity,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// Runs `embeds` `[n, hidden]` at the positions following the cache and returns the final
+    /// normalised hidden state of the last position `[1, hidden]`. A call starting at position 0
+    /// picks the LongRoPE mode from the total length; later calls must stay in that mode (the
+    /// engine re-prefills when the sequence crosses into long mode, as the reference does).
+    /// With `taps`, records `embeddings`, `layer.{i}` (output of block i, all positions) and
+    /// `final_norm`, and runs the prompt in one piece.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        adapter: Option<Adapter>,
+        mut taps: Option<&mut Taps>,
+    ) -> Result<Tensor> {
+        let n = embeds.dim(0)?;
+        let start = cache.len();
+        if n == 0 {
+            return Err(Error::Request("empty input".into()));
+        }
+        if let Some(a) = adapter {
+            if !self.has_adapter(a) {
+                return Err(Error::Request(format!(
+                    "this checkpoint has no {} LoRA adapter",
+                    a.name()
+                )));
+            }
+        }
+        let long = self.rope.is_long(start + n);
+        if start == 0 {
+            cache.reset(long);
+        } else if long != cache.is_long() {
+            return Err(Error::Request(
+                "KV cache was filled with the other LongRoPE factors; re-prefill".into(),
+            ));
+        }
+        let chunk = if taps.is_some() { n } else { self.prefill_chunk(start + n) };
+        let mut last = None;
+        let mut pos = start;
+        while pos < start + n {
+            let len = chunk.min(start + n - pos);
+            let x = embeds.narrow(0, pos - start, len)?.to_dtype(self.dtype)?;
+            let h = self.run_layers(x, pos, long, cache, adapter, taps.as_deref_mut())?;
+            pos += len;
+            cache.set_len(pos);
+            last = Some(h);
+        }
+        let h = last.ok_or_else(|| Error::Request("empty input".into()))?;
+        if let Some(t) = taps {
+            t.push(("final_norm".into(), self.norm.forward(&h)?));
+        }
+        let h_last = h.narrow(0, h.dim(0)? - 1, 1)?;
+        self.norm.forward(&h_last)
+    }
+
+    /// The blocks over one chunk `[len, hidden]` at positions `pos..`; returns the last block's
+    /// output (before the final norm).
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        pos: usize,
+        long: bool,
+        cache: &mut KvCache,
+        adapter: Option<Adapter>,
+        mut taps: Option<&mut Taps>,
+    ) -> Result<Tensor> {
+        let len = x.dim(0)?;
+        let cos_sin = self.rope.cos_sin(pos, len, long, self.dtype, &self.device)?;
+        if let Some(t) = taps.as_deref_mut() {
+            t.push(("embeddings".into(), x.clone()));
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x)?,
+                i,
+                pos,
+                &cos_sin,
+                &self.rope,
+                cache,
+                adapter,
+            )?;
+            let h = (x + a)?;
+            let m = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?, adapter)?;
+            x = (h + m)?;
+            if let Some(t) = taps.as_deref_mut() {
+                t.push((format!("layer.{i}"), x.clone()));
+            }
+        }
+        Ok(x)
+    }
+
+    /// Queries per prefill chunk so one score matrix stays under `max_score_bytes`.
+    fn prefill_chunk(&self, total: usize) -> usize {
+        let per_query = self.heads * total * 4;
+        (self.max_score_bytes / per_query.max(1)).clamp(16, 2048)
+    }
+
+    /// Logits `[vocab]` (f32) of a final hidden state `[1, hidden]`.
+    pub fn logits(&self, h: &Tensor) -> Result<Vec<f32>> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let l = h.matmul(&head.t()?)?; // [1, vocab]
+        Ok(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
+}

@@ -1,0 +1,392 @@
+//! The only module that knows the order of the stages: request → chat template → tokenizer →
+//! placeholder expansion → (media encoders) → embeddings → decoder with the mode's LoRA →
+//! sampler → detokenizer. Also the one place that handles the LongRoPE crossing at 4096 tokens
+//! the way the reference does: drop the cache once and re-prefill the whole sequence with the
+//! long factors (spec §2.5).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::decoder::Decoder;
+use crate::detok::{StopMatcher, StreamDecoder};
+use crate::error::{Error, Result};
+use crate::hub::ModelFiles;
+use crate::prompt::{self, Mode};
+use crate::sampler::{self, Sampler, SamplingParams, TokenLogprob};
+use crate::tokenizer::{Message, Tokenizer};
+use crate::weights::{ProgressFn, Weights};
+
+/// How to load a model.
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Called with (bytes loaded, total bytes).
+    pub progress: Option<ProgressFn>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::BF16,
+            device: Device::Cpu,
+            progress: None,
+        }
+    }
+}
+
+/// The prompt of a request.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// Messages rendered with the model's chat template (generation prompt appended).
+    Chat(Vec<Message>),
+    /// A complete prompt string, used as is.
+    Raw(String),
+}
+
+/// An image or audio input.
+#[derive(Debug, Clone)]
+pub enum MediaInput {
+    Path(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+/// Everything a generation needs.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: PromptInput,
+    pub images: Vec<MediaInput>,
+    pub audios: Vec<MediaInput>,
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    /// How many alternatives to report per generated token.
+    pub top_logprobs: usize,
+    /// Keep generating past the end-of-sequence ids (benchmarks, parity tests).
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    /// A greedy request for `prompt` with default limits.
+    pub fn new(prompt: PromptInput) -> Self {
+        GenerateRequest {
+            prompt,
+            images: Vec::new(),
+            audios: Vec::new(),
+            sampling: SamplingParams::default(),
+            max_new_tokens: 256,
+            stop: Vec::new(),
+            top_logprobs: 0,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// A tokenised request ready for the decoder.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Input ids with every placeholder expanded.
+    pub ids: Vec<u32>,
+    pub mode: Mode,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence id or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// One generated token as it is streamed.
+#[derive(Debug)]
+pub struct Step<'a> {
+    pub id: u32,
+    /// Newly completed text (may be empty while a character is incomplete).
+    pub text: &'a str,
+    pub logprob: f32,
+    pub top: &'a [TokenLogprob],
+    /// The raw logits that produced this token.
+    pub logits: &'a [f32],
+}
+
+/// Per-token record in a completion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<TokenLogprob>,
+}
+
+/// Prefill and decode speed of one generation.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Timings {
+    pub prefill_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_tokens: usize,
+    pub decode_s: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: Vec<u32>,
+    pub tokens: Vec<u32>,
+    pub logprobs: Vec<TokenInfo>,
+    pub finish_reason: FinishReason,
+    pub mode: Mode,
+    pub timings: Timings,
+}
+
+/// A loaded model.
+pub struct Engine {
+    config: ModelConfig,
+    gen_config: GenerationConfig,
+    decoder: Decoder,
+    tokenizer: Tokenizer,
+    dir: PathBuf,
+}
+
+impl Engine {
+    /// Loads the model in `dir` (see [`crate::hub::resolve_model`] for hub ids).
+    pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
+        let files = ModelFiles::locate(dir)?;
+        let config = ModelConfig::from_file(&files.config)?;
+        let gen_config = GenerationConfig::from_file_or_default(&files.generation_config)?;
+        let tokenizer = Tokenizer::load(&files.tokenizer, &files.tokenizer_config)?;
+        let mut weights = Weights::open(&files.weights, &opts.device)?;
+        if let Some(p) = opts.progress {
+            weights = weights.with_progress(p);
+        }
+        let decoder = Decoder::load(&config, &weights, opts.dtype, &opts.device)?;
+        let unused = weights.unused();
+        let (enc, other): (Vec<_>, Vec<_>) = unused
+            .iter()
+            .partition(|n| n.starts_with("model.embed_tokens_extend."));
+        tracing::debug!(
+            encoder_tensors = enc.len(),
+            "tensors not used by the text decoder (media encoders load them on demand)"
+        );
+        for n in other {
+            tracing::debug!(tensor = %n, "unused tensor");
+        }
+        Ok(Engine {
+            config,
+            gen_config,
+            decoder,
+            tokenizer,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Longest sequence (prompt + generation) the model supports.
+    pub fn max_context(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// Builds the input ids of a request: template, markers, placeholder expansion.
+    pub fn prepare(&self, req: &GenerateRequest) -> Result<Prepared> {
+        let text = match &req.prompt {
+            PromptInput::Chat(msgs) => self.tokenizer.apply_chat_template(msgs, true)?,
+            PromptInput::Raw(s) => s.clone(),
+        };
+        let (n_img, n_aud) = prompt::count_markers(&text);
+        if n_img != req.images.len() || n_aud != req.audios.len() {
+            return Err(Error::Request(format!(
+                "the prompt has {n_img} image and {n_aud} audio marker(s) but {} image(s) and {} \
+                 audio(s) were given",
+                req.images.len(),
+                req.audios.len()
+            )));
+        }
+        let image_tokens = media_unsupported(&req.images, "image")?;
+        let audio_tokens = media_unsupported(&req.audios, "audio")?;
+        let ids = self.tokenizer.encode(&prompt::replace_markers(&text))?;
+        let ids = prompt::expand_placeholders(&ids, &image_tokens, &audio_tokens)?;
+        Ok(Prepared {
+            ids,
+            mode: Mode::from_media(req.images.len(), req.audios.len()),
+        })
+    }
+
+    /// Runs a request, calling `on_step` for every generated token; `on_step` returns false to
+    /// stop early.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: impl FnMut(&Step) -> bool,
+    ) -> Result<Completion> {
+        let prepared = self.prepare(req)?;
+        self.generate_prepared(&prepared, req, on_step)
+    }
+
+    /// Generation from already prepared ids.
+    pub fn generate_prepared(
+        &self,
+        prepared: &Prepared,
+        req: &GenerateRequest,
+        mut on_step: impl FnMut(&Step) -> bool,
+    ) -> Result<Completion> {
+        let ids = &prepared.ids;
+        if ids.is_empty() {
+            return Err(Error::Request("the prompt is empty".into()));
+        }
+        let max_new = req.max_new_tokens;
+        if max_new == 0 {
+            return Err(Error::Request("max_new_tokens must be at least 1".into()));
+        }
+        if ids.len() + max_new > self.max_context() {
+            return Err(Error::Request(format!(
+                "prompt has {} tokens and max_new_tokens is {max_new}: together {} exceed the \
+                 model's {}-token context; shorten the prompt or lower max_new_tokens",
+                ids.len(),
+                ids.len() + max_new,
+                self.max_context()
+            )));
+        }
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        let adapter = prepared.mode.adapter();
+        let dec = &self.decoder;
+
+        let t0 = Instant::now();
+        let prompt_emb = dec.embed(ids)?; // [n, hidden]
+        let mut cache = dec.new_cache(ids.len() + max_new)?;
+        let mut h = dec.forward(&prompt_emb, &mut cache, adapter, None)?;
+        let mut logits = dec.logits(&h)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut history = ids.clone();
+        let mut tokens = Vec::new();
+        let mut infos = Vec::new();
+        let mut text = String::new();
+        let mut detok = StreamDecoder::new(&self.tokenizer);
+        let mut stops = StopMatcher::new(req.stop.clone());
+        let mut finish = FinishReason::Length;
+        loop {
+            let id = sampler.sample(&logits, &history);
+            let (lp, top) = sampler::logprobs(&logits, id, req.top_logprobs);
+            tokens.push(id);
+            history.push(id);
+            let is_eos = !req.ignore_eos && self.gen_config.eos_token_id.contains(&id);
+            let (piece, hit_stop) = if is_eos {
+                (String::new(), false)
+            } else {
+                stops.push(&detok.push(id)?)
+            };
+            text.push_str(&piece);
+            let keep_going = on_step(&Step {
+                id,
+                text: &piece,
+                logprob: lp,
+                top: &top,
+                logits: &logits,
+            });
+            infos.push(TokenInfo { id, logprob: lp, top });
+            if is_eos || hit_stop {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if tokens.len() >= max_new || !keep_going {
+                break;
+            }
+            h = self.step(&prompt_emb, &tokens, &mut cache, adapter)?;
+            logits = dec.logits(&h)?;
+        }
+        if finish == FinishReason::Length {
+            let (tail, _) = stops.push(&detok.finish()?);
+            text.push_str(&tail);
+            text.push_str(&stops.finish());
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let decode_tokens = tokens.len().saturating_sub(1);
+        Ok(Completion {
+            text,
+            prompt_tokens: ids.clone(),
+            tokens,
+            logprobs: infos,
+            finish_reason: finish,
+            mode: prepared.mode,
+            timings: Timings {
+                prefill_tokens: ids.len(),
+                prefill_s,
+                decode_tokens,
+                decode_s,
+                prefill_tok_s: ids.len() as f64 / prefill_s.max(1e-9),
+                decode_tok_s: decode_tokens as f64 / decode_s.max(1e-9),
+            },
+        })
+    }
+
+    /// Feeds the last generated token. When the sequence first grows past the LongRoPE
+    /// threshold, the cache (short-factor keys) is dropped and the whole sequence — prompt
+    /// embeddings, media rows included, plus generated tokens — is re-prefilled with the long
+    /// factors, exactly once.
+    fn step(
+        &self,
+        prompt_emb: &Tensor,
+        generated: &[u32],
+        cache: &mut crate::kv_cache::KvCache,
+        adapter: Option<crate::lora::Adapter>,
+    ) -> Result<Tensor> {
+        let dec = &self.decoder;
+        let total = prompt_emb.dim(0)? + generated.len();
+        if !cache.is_long() && dec.rope().is_long(total) {
+            tracing::debug!(total, "sequence crossed the LongRoPE threshold: re-prefilling");
+            let gen_emb = dec.embed(generated)?;
+            let all = Tensor::cat(&[prompt_emb, &gen_emb], 0)?;
+            cache.reset(true);
+            return dec.forward(&all, cache, adapter, None);
+        }
+        let last = generated.len() - 1;
+        dec.forward(&dec.embed(&generated[last..])?, cache, adapter, None)
+    }
+}
+
+/// Checks that media paths are readable, then reports that media input is not implemented
+/// yet. Returns the per-item token counts once the encoders exist.
+fn media_unsupported(items: &[MediaInput], kind: &str) -> Result<Vec<usize>> {
+    for item in items {
+        match item {
+            MediaInput::Path(p) => {
+                std::fs::File::open(p).map_err(|e| {
+                    Error::Media(format!("cannot read {kind} file {}: {e}", p.display()))
+                })?;
+            }
+            MediaInput::Bytes(b) if b.is_empty() => {
+                return Err(Error::Media(format!("the {kind} input is empty (0 bytes)")))
+            }
+            MediaInput::Bytes(_) => {}
+        }
+    }
+    if items.is_empty() {
+        Ok(Vec::new())
+    } else {
+        Err(Error::Unsupported(format!(
+            "{kind} input is not supported yet: this build runs text only"
+        )))
+    }
+}

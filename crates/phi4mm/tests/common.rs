@@ -1,0 +1,77 @@
+//! Helpers shared by the parity tests: fixture paths, expected-value files, comparisons that
+//! print the first values and the largest difference on failure.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use phi4mm::{Engine, LoadOptions};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+pub fn tiny() -> PathBuf {
+    fixtures().join("tiny")
+}
+
+pub fn expected(name: &str) -> PathBuf {
+    fixtures().join("expected").join(name)
+}
+
+pub fn load_tiny(dtype: DType) -> Engine {
+    Engine::load(&tiny(), LoadOptions { dtype, device: Device::Cpu, progress: None })
+        .unwrap_or_else(|e| panic!("loading the tiny checkpoint: {e}"))
+}
+
+pub fn read_json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(expected(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn tensors(file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(expected(file), &Device::Cpu).unwrap()
+}
+
+pub fn f32s(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+pub fn ids(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// Asserts `|a − b| ≤ atol + rtol·|b|` everywhere; on failure prints where and how much.
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length differs");
+    let mut worst = (0usize, 0f32);
+    let mut bad = 0usize;
+    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let d = (a - e).abs();
+        if !(d <= atol + rtol * e.abs()) {
+            bad += 1;
+        }
+        if d > worst.1 || d.is_nan() {
+            worst = (i, d);
+        }
+    }
+    let n = actual.len().min(6);
+    assert!(
+        bad == 0,
+        "{what}: {bad} of {} values differ; max |diff| {} at {}\n  actual   {:?}\n  expected {:?}",
+        actual.len(),
+        worst.1,
+        worst.0,
+        &actual[..n],
+        &expected[..n]
+    );
+}
