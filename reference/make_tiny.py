@@ -16,6 +16,8 @@ from tokenizers import Tokenizer
 from transformers import (AutoTokenizer, Phi4MultimodalConfig, Phi4MultimodalForCausalLM,
                           TokenizersBackend)
 
+from texts import CHATS, EXTRA, LANGS, SYSTEM
+
 SEED = int(os.environ.get("PHI4MM_SEED", 1245))
 SHARED = Path(os.environ.get("PHI4MM_FILES", "/work/shared/phi4mm-files"))
 TINY, EXP = Path("fixtures/tiny"), Path("fixtures/expected")
@@ -302,7 +304,7 @@ def forward(model, ids, hidden=False):
     return out.logits[0, -1], hs, pre[0][0]
 
 
-def greedy(model, ids, n, hidden_positions=None):
+def greedy(model, ids, n):
     """n greedy tokens, one full forward per step; records top-8 of each step's distribution."""
     seq, toks, top_ids, top_vals, margin = list(ids), [], [], [], float("inf")
     for step in range(n):
@@ -316,65 +318,7 @@ def greedy(model, ids, n, hidden_positions=None):
     return first, toks, torch.stack(top_ids), torch.stack(top_vals), margin, seq
 
 
-# ----------------------------------------------------------------------------- texts
-LANGS = {
-    "arabic": "تعلم اللغات الجديدة يفتح أبوابًا كثيرة للتواصل مع ثقافات العالم.",
-    "chinese": "我们明天早上九点在火车站见面，然后一起去博物馆参观。",
-    "czech": "Příliš žluťoučký kůň úpěl ďábelské ódy a pak odešel domů.",
-    "danish": "Vi tager toget til København i morgen og besøger vores bedsteforældre.",
-    "dutch": "De fietsenmaker op de hoek repareert mijn band voor zaterdagochtend.",
-    "english": "The quick brown fox jumps over the lazy dog while the farmer isn't watching.",
-    "finnish": "Huomenna sataa luultavasti lunta, joten ota lämpimät kengät mukaan.",
-    "french": "Nous irons au marché samedi matin pour acheter du fromage et du pain frais.",
-    "german": "Können Sie mir bitte sagen, wie ich am schnellsten zum Hauptbahnhof komme?",
-    "hebrew": "אנחנו נפגשים מחר בבוקר בבית הקפה ליד הספרייה העירונית.",
-    "hungarian": "Árvíztűrő tükörfúrógép: ez a mondat a magyar ékezetes betűk próbája.",
-    "italian": "Domani andremo al mare con gli amici e mangeremo una pizza sulla spiaggia.",
-    "japanese": "今日はとても良い天気なので、公園を散歩してからお茶を飲みましょう。",
-    "korean": "오늘 저녁에 친구들과 함께 한국 음식을 먹으러 갈 거예요.",
-    "norwegian": "Vi skal på hytta i helgen og håper det blir fint vær på fjellet.",
-    "polish": "Zażółć gęślą jaźń, a potem wypij filiżankę gorącej herbaty.",
-    "portuguese": "Amanhã vamos visitar a nossa avó no interior e almoçar com toda a família.",
-    "russian": "Съешь же ещё этих мягких французских булок, да выпей чаю.",
-    "spanish": "¿Dónde está la biblioteca? Necesito devolver estos libros antes del viernes.",
-    "swedish": "Flygande bäckasiner söka hwila på mjuka tuvor medan solen går ner.",
-    "thai": "วันนี้อากาศดีมาก เราจะไปเดินเล่นที่สวนสาธารณะกันไหม",
-    "turkish": "Yarın sabah erkenden kalkıp İstanbul'a giden ilk trene bineceğiz.",
-    "ukrainian": "Щастям б'єш жук їх глицю в фон й ґедзь пріч, а потім п'єш чай."}
-EXTRA = {
-    "python_code": 'def fib(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
-                   '    for _ in range(n):\n\ta, b = b, a + b  # tab-indented\n    return a\n\nprint(fib(10))  # 55\n',
-    "emoji": "I love 🍕 and 🎉! Family: 👨‍👩‍👧‍👦, flags: 🇫🇷🇯🇵🇺🇦, thumbs: 👍🏽, rainbow: 🏳️‍🌈, ❤️‍🔥",
-    "whitespace": "  two leading\tand\ttabs\n\n\nthree newlines \r\n crlf\u00a0nbsp   \n \n  trailing   ",
-    "numbers_case": "Prices: 1234567 dollars, 3.14159, 2024-06-01; I'M SURE you'll see THEY'RE right.",
-    "empty": "",
-    "special_rstrip": "<|user|>hi<|end|>\n<|assistant|>  x",
-    "special_image": "<|endoftext10|>",
-    "special_mixed": "<|system|>  You are helpful.<|end|>\n<|user|>\n\n<|image_1|>\nDescribe <|endoftext10|>"
-                     "<|endoftext10|> and <|endoftext11|>.<|end|>\n<|assistant|>",
-    "special_tools": " <|tool|>[{\"name\": \"f\"}]<|/tool|>\n <|tool_call|>{}<|/tool_call|>  <|tool_response|> ok <|tag|>",
-    "special_lookalikes": "<|endoftext|>x<|endofprompt|> <|user |> <|end| <|END|> <|endoftext12|>"}
-TOOLS = json.dumps([{"name": "get_weather", "description": "Get the current weather for a city.",
-                     "parameters": {"city": {"description": "City name", "type": "str"}}}])
-SYSTEM = "You are a helpful assistant."
-CHATS = [
-    ("single_user", [{"role": "user", "content": "Hello, who are you?"}], True),
-    ("system_user", [{"role": "system", "content": SYSTEM},
-                     {"role": "user", "content": "What is the capital of France? Answer in one word."}], True),
-    ("multi_turn", [{"role": "user", "content": "Hi! Can you help me plan a trip to Japan?"},
-                    {"role": "assistant", "content": "Of course! How many days, and which cities interest you?"},
-                    {"role": "user", "content": "Ten days, mostly Tokyo and Kyoto.\nI like food and temples."}], True),
-    ("system_tools", [{"role": "system", "content": "You are a helpful assistant with some tools.", "tools": TOOLS},
-                      {"role": "user", "content": "What is the weather like in Paris today?"}], True),
-    ("tool_call", [{"role": "system", "content": "You are a helpful assistant with some tools.", "tools": TOOLS},
-                   {"role": "user", "content": "What is the weather like in Paris today?"},
-                   {"role": "assistant", "content": '<|tool_call|>[{"name": "get_weather", "arguments": '
-                                                    '{"city": "Paris"}}]<|/tool_call|>'},
-                   {"role": "tool", "content": '{"temperature_c": 21, "sky": "sunny"}'}], True),
-    ("no_generation_prompt", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Say hi."},
-                              {"role": "assistant", "content": "Hi!"}], False)]
-
-
+# ----------------------------------------------------------------------------- texts (texts.py)
 def long_prompt(tok, target=4090):
     """System+user chat of ~`target` tokens made of the sentences above (real text, numbered sections)."""
     parts, k = [], 0
@@ -383,13 +327,14 @@ def long_prompt(tok, target=4090):
             k += 1
             parts.append(f"\n\n{k}. ({name.capitalize()}) {s}")
     text = "".join(parts)
-    render = lambda t: tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content":
-                       "Please summarise the following notes." + t}], tokenize=False, add_generation_prompt=True)
+    msgs = lambda t: [{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": "Please summarise the following notes." + t}]
+    render = lambda t: tok.apply_chat_template(msgs(t), tokenize=False, add_generation_prompt=True)
     lo, hi = 0, len(text)  # largest prefix whose rendered prompt has <= target tokens
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if len(tok(render(text[:mid]))["input_ids"]) <= target else (lo, mid - 1)
-    return render(text[:lo])
+    return msgs(text[:lo]), render(text[:lo])
 
 
 # ----------------------------------------------------------------------------- main
@@ -399,7 +344,7 @@ def dump(path, obj):
 
 def main():
     torch.manual_seed(SEED)
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    torch.set_num_threads(2)  # fixed, so reruns reproduce the float outputs bit for bit
     TINY.mkdir(parents=True, exist_ok=True); EXP.mkdir(parents=True, exist_ok=True)
     hub = hub_config()
     (TINY / "config.json").write_text(json.dumps(hub, indent=2) + "\n")
@@ -433,14 +378,16 @@ def main():
           f"{any(r['ids'][:1] == [199999] for r in chats)}")
 
     # Model cases (§2, §3): prompt hidden states/logits + greedy steps with full forwards.
-    chat_ids = {c["name"]: c["ids"] for c in chats}
-    cross_ids = tok(long_prompt(tok))["input_ids"]
-    assert 4086 <= len(cross_ids) <= 4094, len(cross_ids)
-    cases = [("text_base", "text", chat_ids["system_user"], 16), ("text_vision_lora", "vision", chat_ids["system_user"], 16),
-             ("text_speech_lora", "speech", chat_ids["system_user"], 16), ("multi_turn", "text", chat_ids["multi_turn"], 16),
-             ("crossing", "text", cross_ids, 12)]
+    chat = {c["name"]: c for c in chats}
+    cross_msgs, cross_prompt = long_prompt(tok)
+    chat["crossing"] = {"messages": cross_msgs, "prompt": cross_prompt, "ids": tok(cross_prompt)["input_ids"]}
+    assert 4086 <= len(chat["crossing"]["ids"]) <= 4094, len(chat["crossing"]["ids"])
+    cases = [("text_base", "text", "system_user", 16), ("text_vision_lora", "vision", "system_user", 16),
+             ("text_speech_lora", "speech", "system_user", 16), ("multi_turn", "text", "multi_turn", 16),
+             ("crossing", "text", "crossing", 12)]
     models, meta, greedy_by_case = {}, [], {}
-    for name, mode, ids, n in cases:
+    for name, mode, chat_name, n in cases:
+        ids = chat[chat_name]["ids"]
         if mode not in models:
             models[mode] = load_reference(cfg, hub, mode)
             check_rope(models[mode][0])
@@ -462,7 +409,11 @@ def main():
         eos = [i for i, t in enumerate(toks) if t in EOS_IDS]
         greedy_by_case[name] = toks
         meta.append({"name": name, "mode": mode, "file": f"{name}.safetensors", "prompt_len": len(ids),
-                     "max_new_tokens": n, "min_margin": margin, "eos_steps": eos})
+                     "max_new_tokens": n, "min_margin": margin, "eos_steps": eos,
+                     # first greedy step whose forward sees > 4096 tokens (long factors), if any
+                     "long_from_step": (4097 - len(ids)) if len(ids) + n - 1 > 4096 else None,
+                     "messages": chat[chat_name]["messages"], "add_generation_prompt": True,
+                     "prompt": chat[chat_name]["prompt"]})
         print(f"{name:17s} mode={mode:6s} L={len(ids):5d} min_margin={margin:.4f} eos_at={eos} greedy={toks}")
         assert margin > 1e-3, f"{name}: margin {margin} too small; change SEED"
     dump(EXP / "cases.json", meta)

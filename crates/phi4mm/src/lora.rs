@@ -51,11 +51,13 @@ impl LoraLinear {
         loras: [(Adapter, Option<&LoraConfig>); 2],
         dtype: DType,
     ) -> Result<Self> {
-        let base = if s.contains("base_layer.weight") {
-            s.get("base_layer.weight", &[out_dim, in_dim], dtype)?
+        // The hub layout wraps the base weight (`base_layer`); a plain `weight` is accepted too.
+        let base_name = if !s.contains("base_layer.weight") && s.contains("weight") {
+            "weight"
         } else {
-            s.get("weight", &[out_dim, in_dim], dtype)?
+            "base_layer.weight"
         };
+        let base = s.get(base_name, &[out_dim, in_dim], dtype)?;
         let mut out = LoraLinear {
             base,
             vision: None,
