@@ -92,6 +92,12 @@ def build_config(hub):
         downsample_rate=hub["embd_layer"]["audio_embd_layer"].get("downsample_rate", 1),
     )
     vision = Phi4MultimodalVisionConfig(crop_size=hub["embd_layer"]["image_embd_layer"]["crop_size"])
+    # The official config.json has no vision_config / audio_config. Reduced test checkpoints
+    # (reference/make_tiny.py's fixtures/tiny) add them in native form; honour them when present.
+    if isinstance(hub.get("vision_config"), dict):
+        vision = Phi4MultimodalVisionConfig(**hub["vision_config"])
+    if isinstance(hub.get("audio_config"), dict):
+        audio = Phi4MultimodalAudioConfig(**hub["audio_config"])
     cfg = Phi4MultimodalConfig(
         vocab_size=hub["vocab_size"],
         hidden_size=hub["hidden_size"],

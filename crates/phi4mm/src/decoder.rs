@@ -388,7 +388,7 @@ impl Decoder {
     /// Logits `[vocab]` (f32) of a final hidden state `[1, hidden]`.
     pub fn logits(&self, h: &Tensor) -> Result<Vec<f32>> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let l = h.matmul(&head.t()?)?; // [1, vocab]
+        let l = crate::kernels::linear(h, head)?; // [1, vocab]
         Ok(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
 }

@@ -11,6 +11,7 @@ pub mod detok;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod kernels;
 pub mod kv_cache;
 pub mod lora;
 pub mod prompt;

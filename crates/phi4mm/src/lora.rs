@@ -6,6 +6,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::weights::Scope;
 
 /// Which LoRA adapter is active for a request (none for text-only requests).
@@ -89,7 +90,7 @@ impl LoraLinear {
 
     /// `x` `[n, in]` → `[n, out]` with the base weight and, if given, the adapter.
     pub fn forward(&self, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
-        let y = x.matmul(&self.base.t()?)?;
+        let y = kernels::linear(x, &self.base)?;
         let pair = match adapter {
             None => return Ok(y),
             Some(Adapter::Vision) => self.vision.as_ref(),
@@ -101,8 +102,8 @@ impl LoraLinear {
                 adapter.map_or("", Adapter::name)
             ))
         })?;
-        let low = x.matmul(&pair.a.t()?)?; // [n, r]
-        let delta = (low.matmul(&pair.b.t()?)? * pair.scale)?;
+        let low = kernels::linear(x, &pair.a)?; // [n, r]
+        let delta = (kernels::linear(&low, &pair.b)? * pair.scale)?;
         Ok((y + delta)?)
     }
 }

@@ -5,20 +5,32 @@
 //! prefixes follow the checkpoint's name tree (`model.layers.3.self_attn.qkv_proj…`).
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::Dtype as StDtype;
 
 use crate::error::{Error, Result};
 
 /// Called with (bytes loaded so far, total bytes of the checkpoint).
 pub type ProgressFn = Box<dyn Fn(u64, u64)>;
 
+/// Where one tensor lives.
+struct Entry {
+    shard: usize,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    offset: usize,
+    len: usize,
+}
+
 /// An open checkpoint (one or more safetensors shards).
 pub struct Weights {
-    st: MmapedSafetensors,
+    shards: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
     device: Device,
     used: RefCell<BTreeSet<String>>,
     loaded_bytes: RefCell<u64>,
@@ -27,20 +39,40 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Memory-maps the shards and parses their headers.
+    /// Memory-maps the shards and parses (and validates) their headers.
     pub fn open(paths: &[PathBuf], device: &Device) -> Result<Self> {
-        for p in paths {
+        let mut shards = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
             check_header(p)?;
+            let file = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+            // SAFETY: mapped read-only; like every mmap-based loader we rely on the file not
+            // being truncated while the model loads.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(p, e))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
+                path: p.clone(),
+                message: e.to_string(),
+            })?;
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let data = view.data();
+                entries.insert(
+                    name,
+                    Entry {
+                        shard: i,
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                        offset: data.as_ptr() as usize - base,
+                        len: data.len(),
+                    },
+                );
+            }
+            shards.push((p.clone(), mmap));
         }
-        // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on them
-        // not being truncated while the model is loading.
-        let st = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| Error::Checkpoint {
-            path: paths.first().cloned().unwrap_or_default(),
-            message: e.to_string(),
-        })?;
-        let total_bytes = st.tensors().iter().map(|(_, v)| v.data().len() as u64).sum();
+        let total_bytes = entries.values().map(|e| e.len as u64).sum();
         Ok(Weights {
-            st,
+            shards,
+            entries,
             device: device.clone(),
             used: RefCell::new(BTreeSet::new()),
             loaded_bytes: RefCell::new(0),
@@ -65,35 +97,43 @@ impl Weights {
 
     /// Whether the checkpoint holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
+        self.entries.contains_key(name)
     }
 
-    /// Loads `name`, checks its shape and converts it to `dtype`.
+    /// Loads `name`, checks its shape and converts it to `dtype`. The mapped pages are released
+    /// once copied, so loading never holds the file and the tensors in memory at once.
     pub fn load(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let view = self
-            .st
+        let e = self
+            .entries
             .get(name)
-            .map_err(|_| Error::MissingTensor(name.to_string()))?;
-        if view.shape() != shape {
+            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        if e.shape != shape {
             return Err(Error::TensorShape {
                 name: name.to_string(),
                 expected: shape.to_vec(),
-                actual: view.shape().to_vec(),
+                actual: e.shape.clone(),
             });
         }
-        use safetensors::Dtype as S;
-        if !matches!(view.dtype(), S::BF16 | S::F16 | S::F32) {
+        if !matches!(e.dtype, StDtype::BF16 | StDtype::F16 | StDtype::F32) {
             return Err(Error::TensorDtype {
                 name: name.to_string(),
-                dtype: format!("{:?}", view.dtype()),
+                dtype: format!("{:?}", e.dtype),
             });
         }
-        let bytes = view.data().len() as u64;
-        let t = self.st.load(name, &self.device)?.to_dtype(dtype)?;
+        let (path, mmap) = &self.shards[e.shard];
+        let data = &mmap[e.offset..e.offset + e.len];
+        let view = safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), data).map_err(
+            |err| Error::Checkpoint {
+                path: path.clone(),
+                message: format!("{name}: {err}"),
+            },
+        )?;
+        let t = view.load(&self.device)?.to_dtype(dtype)?;
+        release(mmap, e.offset, e.len);
         self.used.borrow_mut().insert(name.to_string());
         let done = {
             let mut lb = self.loaded_bytes.borrow_mut();
-            *lb += bytes;
+            *lb += e.len as u64;
             *lb
         };
         if let Some(p) = &self.progress {
@@ -105,17 +145,34 @@ impl Weights {
     /// Names present in the checkpoint that nothing loaded.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
-        self.st
-            .tensors()
-            .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| !used.contains(n))
-            .collect()
+        let mut names: Vec<String> =
+            self.entries.keys().filter(|n| !used.contains(*n)).cloned().collect();
+        names.sort();
+        names
     }
 
     /// Total bytes of tensor data in the checkpoint.
     pub fn total_bytes(&self) -> u64 {
         self.total_bytes
+    }
+}
+
+/// Drops the whole pages of `offset..offset+len` from this process's mapping (they are re-read
+/// from the file if touched again).
+fn release(mmap: &Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let start = offset.div_ceil(PAGE) * PAGE;
+        let end = (offset + len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the range lies inside a read-only shared file mapping and no reference
+            // into it is alive (the tensor was copied); dropped pages are re-faulted from the
+            // file if read again.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
     }
 }
 
