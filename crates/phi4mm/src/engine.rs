@@ -159,6 +159,9 @@ impl Engine {
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
         let files = ModelFiles::locate(dir)?;
         let config = ModelConfig::from_file(&files.config)?;
+        // Validate the encoder descriptions now, so a bad config fails at load.
+        crate::encoder_config::VisionConfig::from_model_config(&config)?;
+        crate::encoder_config::AudioConfig::from_model_config(&config)?;
         let gen_config = GenerationConfig::from_file_or_default(&files.generation_config)?;
         let tokenizer = Tokenizer::load(&files.tokenizer, &files.tokenizer_config)?;
         let mut weights = Weights::open(&files.weights, &opts.device)?;

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod decoder;
 pub mod detok;
+pub mod encoder_config;
 pub mod engine;
 pub mod error;
 pub mod hub;

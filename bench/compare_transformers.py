@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Side-by-side CPU benchmark: phi4mm against transformers on the same checkpoint.
+
+    python3 bench/compare_transformers.py MODEL_DIR --python /path/to/venv/bin/python
+        [--dtype bf16|f32] [--threads 2] [--prompt-tokens 128] [--gen-tokens 32] [--rounds 2]
+
+Runs `phi4mm bench --json` and `reference/bench_transformers.py` alternately (`--rounds` times
+each, one engine at a time, never both at once) and prints, per engine, the best prefill and
+decode tokens/s, the peak RSS, and phi4mm's ratio to transformers. MODEL_DIR is a checkpoint in
+the official hub layout, e.g. the full-size random one from `reference/make_full.py`. The python
+given by --python needs torch and transformers (reference/requirements.txt); build phi4mm first
+with `cargo build --release -p phi4mm-cli`.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_json(cmd, env):
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--phi4mm", default=os.path.join(ROOT, "target", "release", "phi4mm"))
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="transformers loads only the decoder (needed for f32 in 24 GiB)")
+    a = ap.parse_args()
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
+    common = ["--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens)]
+    ours = [a.phi4mm, "bench", "--model", a.model, "--dtype", a.dtype, "--threads", str(a.threads), "--json"] + common
+    theirs = [a.python, os.path.join(ROOT, "reference", "bench_transformers.py"), a.model,
+              "--dtype", a.dtype, "--threads", str(a.threads)] + common
+    if a.decoder_only:
+        theirs.append("--decoder-only")
+
+    results = {"phi4mm": [], "transformers": []}
+    for _ in range(a.rounds):
+        results["phi4mm"].append(run_json(ours, env))
+        results["transformers"].append(run_json(theirs, env))
+
+    best = {}
+    for name, runs in results.items():
+        best[name] = {
+            "prefill": max(r["prefill_tok_s"] for r in runs),
+            "decode": max(r["decode_tok_s"] for r in runs),
+            "rss": max(r["peak_rss_mib"] for r in runs),
+        }
+    print(f"\n{a.dtype}, {a.threads} threads, prompt {a.prompt_tokens}, gen {a.gen_tokens}, "
+          f"best of {a.rounds} alternating rounds")
+    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MiB':>14}")
+    for name, b in best.items():
+        print(f"{name:<14}{b['prefill']:>15.2f}{b['decode']:>14.2f}{b['rss']:>14.0f}")
+    o, t = best["phi4mm"], best["transformers"]
+    print(f"{'ratio':<14}{o['prefill'] / t['prefill']:>14.2f}x{o['decode'] / t['decode']:>13.2f}x"
+          f"{o['rss'] / t['rss']:>13.2f}x")
+    print(json.dumps({"runs": results}))
+
+
+if __name__ == "__main__":
+    main()
