@@ -14,7 +14,7 @@ Produces in OUT_DIR (never inside the repo: ~11.15 GB):
   * model.safetensors.index.json  -- {"metadata": {"total_size": N}, "weight_map": {...}}
   * config.json  -- the hub's config.json (model_type phi4mm, all values of architecture.md §1.2)
   * tokenizer.json (built here, see build_tokenizer), vocab.json, merges.txt, and copies of the
-    small files of /work/shared/phi4mm-files/Phi-4-multimodal-instruct/.
+    small files of ../shared/phi4mm-files/Phi-4-multimodal-instruct/ (beside the repository; PHI4MM_FILES overrides).
 
 Values: N(0, 0.02) for weights/biases/LoRA, 1 + N(0, 0.02) for norm scales and
 Conformer global_invstd, N(0, 0.02) for global_mean. Each tensor gets its own generator seeded from
@@ -36,8 +36,9 @@ import zlib
 
 import torch
 
-SMALL_FILES_DIR = "/work/shared/phi4mm-files/Phi-4-multimodal-instruct"
-O200K_TOKENIZER = "/work/shared/phi4mm-files/o200k/gpt-4o-tokenizer.json"
+_SHARED = os.environ.get("PHI4MM_FILES", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "phi4mm-files"))
+SMALL_FILES_DIR = os.path.join(_SHARED, "Phi-4-multimodal-instruct")
+O200K_TOKENIZER = os.path.join(_SHARED, "o200k", "gpt-4o-tokenizer.json")
 
 SHARD_MAX_BYTES = 5_000_000_000  # huggingface_hub "5GB"
 N_SHARDS = 3

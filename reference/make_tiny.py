@@ -19,7 +19,7 @@ from transformers import (AutoTokenizer, Phi4MultimodalConfig, Phi4MultimodalFor
 from texts import CHATS, EXTRA, LANGS, SYSTEM
 
 SEED = int(os.environ.get("PHI4MM_SEED", 1245))
-SHARED = Path(os.environ.get("PHI4MM_FILES", "/work/shared/phi4mm-files"))
+SHARED = Path(os.environ.get("PHI4MM_FILES", Path(__file__).resolve().parents[2] / "shared" / "phi4mm-files"))
 TINY, EXP = Path("fixtures/tiny"), Path("fixtures/expected")
 SHORT, LONG = [1.0, 1.0, 1.0], [1.0, 3.5, 17.0]  # rotary dims 6 => 3 factors (§2.3/§2.4)
 ATTN_FACTOR = math.sqrt(1 + math.log(131072 / 4096) / math.log(4096))  # 1.1902380714238083
@@ -262,8 +262,9 @@ def check_rope(model):
     print(f"rope ok: attention_factor={rot.attention_scaling!r}, long factors iff seq_len > 4096")
 
 
-def spec_last_logits(W, cfg, ids):
-    """Independent re-implementation of §2 (plain torch) -> logits of the last position."""
+def spec_last_logits(W, cfg, ids, embeds=None):
+    """Independent re-implementation of §2 (plain torch) -> logits of the last position.
+    `embeds` [L, hidden] replaces the token embeddings (image rows already merged, §6.4)."""
     L, nh, nkv, hd, rd = len(ids), cfg.num_attention_heads, cfg.num_key_value_heads, 8, 6
     fac = torch.tensor(LONG if L > 4096 else SHORT)
     inv_freq = 1.0 / (fac * 10000.0 ** (torch.arange(0, rd, 2).float() / rd))  # f32, then phase = p * inv_freq
@@ -274,7 +275,7 @@ def spec_last_logits(W, cfg, ids):
         r, p = t[..., :rd], t[..., rd:]
         return torch.cat([r * cos + torch.cat([-r[..., rd // 2:], r[..., :rd // 2]], -1) * sin, p], -1)
     mask = torch.full((L, L), float("-inf")).triu(1)
-    x = W["model.embed_tokens.weight"][torch.tensor(ids)]
+    x = W["model.embed_tokens.weight"][torch.tensor(ids)] if embeds is None else embeds
     for i in range(cfg.num_hidden_layers):
         w = lambda n: W[f"model.layers.{i}.{n}.weight"]
         qkv = rms(x, w("input_layernorm")) @ w("self_attn.qkv_proj").T

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::Args;
 use phi4mm::engine::Prepared;
-use phi4mm::{GenerateRequest, Mode, PromptInput};
+use phi4mm::{GenerateRequest, PromptInput};
 
 use crate::common::{peak_rss_bytes, ModelArgs};
 
@@ -37,7 +37,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut req = GenerateRequest::new(PromptInput::Raw(String::new()));
     req.max_new_tokens = a.gen_tokens;
     req.ignore_eos = true;
-    let prepared = Prepared { ids, mode: Mode::Text };
+    let prepared = Prepared::text(ids);
     let c = engine.generate_prepared(&prepared, &req, |_| true)?;
     let report = serde_json::json!({
         "engine": "phi4mm",

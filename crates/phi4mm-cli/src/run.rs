@@ -61,6 +61,9 @@ pub struct GenArgs {
     /// Keep going past end-of-sequence tokens.
     #[arg(long, hide = true)]
     pub ignore_eos: bool,
+    /// Most 448-px crops per image (default: the model's `dynamic_hd`, 36; at most 64).
+    #[arg(long)]
+    pub max_crops: Option<usize>,
 }
 
 impl GenArgs {
@@ -76,6 +79,7 @@ impl GenArgs {
         req.max_new_tokens = self.max_new_tokens;
         req.stop = self.stop.clone();
         req.ignore_eos = self.ignore_eos;
+        req.max_crops = self.max_crops;
         req
     }
 }

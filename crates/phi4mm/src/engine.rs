@@ -13,11 +13,18 @@ use crate::config::{GenerationConfig, ModelConfig};
 use crate::decoder::Decoder;
 use crate::detok::{StopMatcher, StreamDecoder};
 use crate::error::{Error, Result};
+use crate::encoder_config::VisionConfig;
 use crate::hub::ModelFiles;
+use crate::image_io::{decode_image, load_image, ImageLimits};
+use crate::image_prep::PreparedImage;
+use crate::vision::VisionEncoder;
 use crate::prompt::{self, Mode};
 use crate::sampler::{self, Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::{Message, Tokenizer};
 use crate::weights::{ProgressFn, Weights};
+
+/// Positions the KV cache reserves beyond the prompt before it has to grow.
+const CACHE_STEP: usize = 512;
 
 /// How to load a model.
 pub struct LoadOptions {
@@ -66,6 +73,8 @@ pub struct GenerateRequest {
     pub top_logprobs: usize,
     /// Keep generating past the end-of-sequence ids (benchmarks, parity tests).
     pub ignore_eos: bool,
+    /// Most crops per image (default: `dynamic_hd` of preprocessor_config.json, 36).
+    pub max_crops: Option<usize>,
 }
 
 impl GenerateRequest {
@@ -80,6 +89,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             top_logprobs: 0,
             ignore_eos: false,
+            max_crops: None,
         }
     }
 }
@@ -90,6 +100,15 @@ pub struct Prepared {
     /// Input ids with every placeholder expanded.
     pub ids: Vec<u32>,
     pub mode: Mode,
+    /// Preprocessed images, in placeholder order.
+    pub images: Vec<PreparedImage>,
+}
+
+impl Prepared {
+    /// Text-only input ids.
+    pub fn text(ids: Vec<u32>) -> Self {
+        Prepared { ids, mode: Mode::Text, images: Vec::new() }
+    }
 }
 
 /// Why generation ended.
@@ -150,9 +169,16 @@ pub struct Engine {
     config: ModelConfig,
     gen_config: GenerationConfig,
     decoder: Decoder,
+    vision: Option<VisionEncoder>,
     tokenizer: Tokenizer,
     dir: PathBuf,
+    /// `dynamic_hd` of preprocessor_config.json.
+    max_crops: usize,
+    image_limits: ImageLimits,
 }
+
+/// The reference processor accepts at most this many crops per image.
+pub const MAX_CROPS_LIMIT: usize = 64;
 
 impl Engine {
     /// Loads the model in `dir` (see [`crate::hub::resolve_model`] for hub ids).
@@ -160,8 +186,9 @@ impl Engine {
         let files = ModelFiles::locate(dir)?;
         let config = ModelConfig::from_file(&files.config)?;
         // Validate the encoder descriptions now, so a bad config fails at load.
-        crate::encoder_config::VisionConfig::from_model_config(&config)?;
+        let vision_cfg = VisionConfig::from_model_config(&config)?;
         crate::encoder_config::AudioConfig::from_model_config(&config)?;
+        let max_crops = read_dynamic_hd(&dir.join("preprocessor_config.json"))?;
         let gen_config = GenerationConfig::from_file_or_default(&files.generation_config)?;
         let tokenizer = Tokenizer::load(&files.tokenizer, &files.tokenizer_config)?;
         let mut weights = Weights::open(&files.weights, &opts.device)?;
@@ -169,13 +196,19 @@ impl Engine {
             weights = weights.with_progress(p);
         }
         let decoder = Decoder::load(&config, &weights, opts.dtype, &opts.device)?;
+        let vision = if VisionEncoder::present(&weights) {
+            Some(VisionEncoder::load(&weights, &vision_cfg, config.hidden_size, opts.dtype, &opts.device)?)
+        } else {
+            tracing::warn!("the checkpoint has no image encoder: image input is disabled");
+            None
+        };
         let unused = weights.unused();
         let (enc, other): (Vec<_>, Vec<_>) = unused
             .iter()
             .partition(|n| n.starts_with("model.embed_tokens_extend."));
         tracing::debug!(
             encoder_tensors = enc.len(),
-            "tensors not used by the text decoder (media encoders load them on demand)"
+            "encoder tensors not loaded (unused layers, heads, or encoders not implemented yet)"
         );
         for n in other {
             tracing::debug!(tensor = %n, "unused tensor");
@@ -184,8 +217,11 @@ impl Engine {
             config,
             gen_config,
             decoder,
+            vision,
             tokenizer,
             dir: dir.to_path_buf(),
+            max_crops,
+            image_limits: ImageLimits::default(),
         })
     }
 
@@ -225,14 +261,42 @@ impl Engine {
                 req.audios.len()
             )));
         }
-        let image_tokens = media_unsupported(&req.images, "image")?;
+        let images = self.prepare_images(req)?;
+        let image_tokens: Vec<usize> = images.iter().map(|i| i.num_tokens).collect();
         let audio_tokens = media_unsupported(&req.audios, "audio")?;
         let ids = self.tokenizer.encode(&prompt::replace_markers(&text))?;
         let ids = prompt::expand_placeholders(&ids, &image_tokens, &audio_tokens)?;
         Ok(Prepared {
             ids,
             mode: Mode::from_media(req.images.len(), req.audios.len()),
+            images,
         })
+    }
+
+    /// Decodes and transforms every image of the request.
+    fn prepare_images(&self, req: &GenerateRequest) -> Result<Vec<PreparedImage>> {
+        if req.images.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.vision.is_none() {
+            return Err(Error::Unsupported("this checkpoint has no image encoder".into()));
+        }
+        let max_crops = req.max_crops.unwrap_or(self.max_crops);
+        if max_crops == 0 || max_crops > MAX_CROPS_LIMIT {
+            return Err(Error::Request(format!(
+                "max_crops must be between 1 and {MAX_CROPS_LIMIT}, got {max_crops}"
+            )));
+        }
+        req.images
+            .iter()
+            .map(|m| {
+                let img = match m {
+                    MediaInput::Path(p) => load_image(p, &self.image_limits)?,
+                    MediaInput::Bytes(b) => decode_image(b, &self.image_limits)?,
+                };
+                PreparedImage::new(&img, max_crops)
+            })
+            .collect()
     }
 
     /// Runs a request, calling `on_step` for every generated token; `on_step` returns false to
@@ -275,8 +339,9 @@ impl Engine {
         let dec = &self.decoder;
 
         let t0 = Instant::now();
-        let prompt_emb = dec.embed(ids)?; // [n, hidden]
-        let mut cache = dec.new_cache(ids.len() + max_new)?;
+        let prompt_emb = self.embed_prompt(prepared)?; // [n, hidden]
+        let limit = ids.len() + max_new;
+        let mut cache = dec.new_cache(limit.min(ids.len() + CACHE_STEP))?;
         let mut h = dec.forward(&prompt_emb, &mut cache, adapter, None)?;
         let mut logits = dec.logits(&h)?;
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -316,6 +381,7 @@ impl Engine {
             if tokens.len() >= max_new || !keep_going {
                 break;
             }
+            cache.reserve(ids.len() + tokens.len(), limit)?;
             h = self.step(&prompt_emb, &tokens, &mut cache, adapter)?;
             logits = dec.logits(&h)?;
         }
@@ -344,6 +410,32 @@ impl Engine {
         })
     }
 
+    /// Token embeddings of the prompt with the media features written over the placeholder
+    /// rows (spec §6.4).
+    pub fn embed_prompt(&self, prepared: &Prepared) -> Result<Tensor> {
+        let ids = &prepared.ids;
+        let emb = self.decoder.embed(ids)?;
+        if prepared.images.is_empty() {
+            return Ok(emb);
+        }
+        let vision = self
+            .vision
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("this checkpoint has no image encoder".into()))?;
+        let feats: Vec<Tensor> = prepared
+            .images
+            .iter()
+            .map(|img| vision.encode(img))
+            .collect::<Result<_>>()?;
+        let feats = Tensor::cat(&feats, 0)?.to_dtype(emb.dtype())?;
+        scatter_rows(&emb, ids, prompt::IMAGE_TOKEN_ID, &feats)
+    }
+
+    /// The image encoder, if the checkpoint has one.
+    pub fn vision(&self) -> Option<&VisionEncoder> {
+        self.vision.as_ref()
+    }
+
     /// Feeds the last generated token. When the sequence first grows past the LongRoPE
     /// threshold, the cache (short-factor keys) is dropped and the whole sequence — prompt
     /// embeddings, media rows included, plus generated tokens — is re-prefilled with the long
@@ -366,6 +458,44 @@ impl Engine {
         }
         let last = generated.len() - 1;
         dec.forward(&dec.embed(&generated[last..])?, cache, adapter, None)
+    }
+}
+
+/// `emb` with the rows where `ids == token` replaced, in order, by the rows of `feats`.
+fn scatter_rows(emb: &Tensor, ids: &[u32], token: u32, feats: &Tensor) -> Result<Tensor> {
+    let want = ids.iter().filter(|&&t| t == token).count();
+    if feats.dim(0)? != want {
+        return Err(Error::Media(format!(
+            "{} feature rows for {want} placeholder tokens",
+            feats.dim(0)?
+        )));
+    }
+    let mut pieces = Vec::new();
+    let (mut i, mut f) = (0, 0);
+    while i < ids.len() {
+        let is_media = ids[i] == token;
+        let run = ids[i..].iter().take_while(|&&t| (t == token) == is_media).count();
+        pieces.push(if is_media { feats.narrow(0, f, run)? } else { emb.narrow(0, i, run)? });
+        if is_media {
+            f += run;
+        }
+        i += run;
+    }
+    Ok(Tensor::cat(&pieces, 0)?)
+}
+
+/// `dynamic_hd` from preprocessor_config.json (36 when the file or key is absent).
+fn read_dynamic_hd(path: &Path) -> Result<usize> {
+    if !path.exists() {
+        return Ok(36);
+    }
+    let v: serde_json::Value = crate::config::read_json(path)?;
+    match v.get("dynamic_hd") {
+        None => Ok(36),
+        Some(x) => x.as_u64().filter(|&n| n >= 1).map(|n| n as usize).ok_or_else(|| Error::BadJson {
+            path: path.to_path_buf(),
+            message: format!("dynamic_hd must be a positive integer, got {x}"),
+        }),
     }
 }
 

@@ -95,8 +95,59 @@ impl KvCache {
         Ok((kc.narrow(1, 0, end)?, vc.narrow(1, 0, end)?))
     }
 
+    /// Makes room for at least `needed` positions, growing by doubling (up to `limit`) and
+    /// copying what is cached. Generation reserves a little ahead, so a large
+    /// `max_new_tokens` does not allocate its whole cache up front.
+    pub fn reserve(&mut self, needed: usize, limit: usize) -> Result<()> {
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let new_cap = needed.max(self.capacity * 2).min(limit.max(needed));
+        let len = self.len;
+        for (k, v) in self.layers.iter_mut() {
+            let (kv_heads, _, head_dim) = k.dims3()?;
+            let grow = |old: &Tensor| -> Result<Tensor> {
+                let t = Tensor::zeros((kv_heads, new_cap, head_dim), old.dtype(), old.device())?;
+                if len > 0 {
+                    t.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(t)
+            };
+            *k = grow(k)?;
+            *v = grow(v)?;
+        }
+        self.capacity = new_cap;
+        Ok(())
+    }
+
     /// Marks positions `..len` as filled (after every layer has appended).
     pub fn set_len(&mut self, len: usize) {
         self.len = len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growing_keeps_cached_positions() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = KvCache::new(2, 2, 3, 4, DType::F32, &dev)?;
+        let k = Tensor::arange(0f32, 24.0, &dev)?.reshape((2, 4, 3))?;
+        let v = (&k * 2.0)?;
+        for layer in 0..2 {
+            c.append(layer, 0, &k, &v)?;
+        }
+        c.set_len(4);
+        assert!(c.append(0, 4, &k.narrow(1, 0, 1)?, &v.narrow(1, 0, 1)?).is_err());
+        c.reserve(5, 100)?;
+        assert_eq!(c.capacity(), 8);
+        let (k2, v2) = c.append(1, 4, &k.narrow(1, 0, 1)?, &v.narrow(1, 0, 1)?)?;
+        assert_eq!(k2.narrow(1, 0, 4)?.to_vec3::<f32>()?, k.to_vec3::<f32>()?);
+        assert_eq!(v2.narrow(1, 0, 4)?.to_vec3::<f32>()?, v.to_vec3::<f32>()?);
+        c.reserve(50, 20)?;
+        assert_eq!(c.capacity(), 50, "the limit never stops a needed reservation");
+        Ok(())
     }
 }

@@ -12,6 +12,8 @@ pub mod encoder_config;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod image_io;
+pub mod image_prep;
 pub mod kernels;
 pub mod kv_cache;
 pub mod lora;
@@ -19,6 +21,7 @@ pub mod prompt;
 pub mod rope;
 pub mod sampler;
 pub mod tokenizer;
+pub mod vision;
 pub mod weights;
 
 pub use candle_core::{DType, Device};

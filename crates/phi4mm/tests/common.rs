@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use phi4mm::{Engine, LoadOptions};
+use phi4mm::engine::Prepared;
+use phi4mm::{Engine, GenerateRequest, LoadOptions, PromptInput};
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -74,4 +75,35 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rto
         &actual[..n],
         &expected[..n]
     );
+}
+
+/// Greedy generation step by step from `prepared`: tokens exact, top-k ids exact, top-k
+/// logits close to the reference's `greedy`, `step_top_ids`, `step_top_logits`.
+pub fn check_greedy(engine: &Engine, case: &str, prepared: &Prepared, exp: &HashMap<String, Tensor>) {
+    let greedy = ids(&exp["greedy"]);
+    let top_ids = ids(&exp["step_top_ids"]);
+    let top_logits = f32s(&exp["step_top_logits"]);
+    let k = top_ids.len() / greedy.len();
+    let mut req = GenerateRequest::new(PromptInput::Raw(String::new()));
+    req.max_new_tokens = greedy.len();
+    req.ignore_eos = true;
+    let mut step = 0;
+    let c = engine
+        .generate_prepared(prepared, &req, |s| {
+            let mut order: Vec<u32> = (0..s.logits.len() as u32).collect();
+            order.sort_by(|&a, &b| s.logits[b as usize].total_cmp(&s.logits[a as usize]));
+            let got: Vec<f32> = order[..k].iter().map(|&i| s.logits[i as usize]).collect();
+            assert_eq!(&order[..k], &top_ids[step * k..(step + 1) * k], "{case}: top ids at step {step}");
+            assert_close(
+                &format!("{case}: top logits at step {step}"),
+                &got,
+                &top_logits[step * k..(step + 1) * k],
+                1e-4,
+                1e-4,
+            );
+            step += 1;
+            true
+        })
+        .unwrap();
+    assert_eq!(c.tokens, greedy, "{case}: greedy tokens");
 }

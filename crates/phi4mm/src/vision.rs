@@ -1,0 +1,332 @@
+//! The image encoder (spec §4.2–4.4): the SigLIP (NaViT) tower over the global thumbnail and
+//! the crops, 2×2 average pooling, the HD assembly with the learned separators (`sub_glb`
+//! order), and the GELU projector into the decoder's width. Follows `Phi4MultimodalImageEmbedding`
+//! of transformers and the original `vision_siglip_navit.py`; names follow the hub checkpoint
+//! (`model.embed_tokens_extend.image_embed.*`).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::encoder_config::VisionConfig;
+use crate::error::{Error, Result};
+use crate::image_prep::{PreparedImage, CROP, GRID, PATCH};
+use crate::kernels;
+use crate::weights::{Scope, Weights};
+
+/// Hub prefix of the image encoder.
+pub const PREFIX: &str = "model.embed_tokens_extend.image_embed";
+
+/// Crops sent through the tower at once (bounds the attention score memory).
+const CROPS_PER_BATCH: usize = 4;
+
+/// A linear layer with bias.
+#[derive(Debug, Clone)]
+struct Linear {
+    w: Tensor, // [out, in]
+    b: Tensor, // [out]
+}
+
+impl Linear {
+    fn load(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
+        Ok(Linear {
+            w: s.get("weight", &[out_dim, in_dim], dtype)?,
+            b: s.get("bias", &[out_dim], dtype)?,
+        })
+    }
+
+    /// `[n, in]` → `[n, out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(kernels::linear(x, &self.w)?.broadcast_add(&self.b)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(s: &Scope, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
+        Ok(LayerNorm {
+            w: s.get("weight", &[dim], dtype)?,
+            b: s.get("bias", &[dim], dtype)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps as f32)?)
+    }
+}
+
+/// One pre-LN SigLIP encoder layer.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+}
+
+impl EncoderLayer {
+    fn load(s: &Scope, c: &VisionConfig, dtype: DType) -> Result<Self> {
+        let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let a = s.pp("self_attn");
+        Ok(EncoderLayer {
+            layer_norm1: LayerNorm::load(&s.pp("layer_norm1"), h, eps, dtype)?,
+            q_proj: Linear::load(&a.pp("q_proj"), h, h, dtype)?,
+            k_proj: Linear::load(&a.pp("k_proj"), h, h, dtype)?,
+            v_proj: Linear::load(&a.pp("v_proj"), h, h, dtype)?,
+            out_proj: Linear::load(&a.pp("out_proj"), h, h, dtype)?,
+            layer_norm2: LayerNorm::load(&s.pp("layer_norm2"), h, eps, dtype)?,
+            fc1: Linear::load(&s.pp("mlp").pp("fc1"), h, i, dtype)?,
+            fc2: Linear::load(&s.pp("mlp").pp("fc2"), i, h, dtype)?,
+            heads: c.num_attention_heads,
+        })
+    }
+
+    /// `x` `[b, p, h]`; `mask` `[b, 1, 1, p]` additive key mask or none.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, p, h) = x.dims3()?;
+        let d = h / self.heads;
+        let flat = self.layer_norm1.forward(x)?.reshape((b * p, h))?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, p, self.heads, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(self.q_proj.forward(&flat)?)?;
+        let k = split(self.k_proj.forward(&flat)?)?;
+        let v = split(self.v_proj.forward(&flat)?)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [b, heads, p, p]
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
+        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * p, h))?;
+        let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
+        let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
+        let m = self.fc2.forward(&self.fc1.forward(&flat)?.gelu()?)?; // tanh GELU
+        Ok((x + m.reshape((b, p, h))?)?)
+    }
+}
+
+/// The whole image encoder.
+#[derive(Debug, Clone)]
+pub struct VisionEncoder {
+    patch_w: Tensor, // [hidden, 3·14·14]
+    patch_b: Tensor,
+    pos_table: Tensor, // [1024, hidden]
+    layers: Vec<EncoderLayer>,
+    glb_gn: Tensor, // [hidden]
+    sub_gn: Tensor, // [hidden]
+    proj_up: Linear,
+    proj_down: Linear,
+    hidden: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl VisionEncoder {
+    /// Whether the checkpoint has an image encoder.
+    pub fn present(w: &Weights) -> bool {
+        w.contains(&format!("{PREFIX}.img_processor.embeddings.patch_embedding.weight"))
+    }
+
+    /// Loads the tower layers the features need (up to `feature_layer`), the separators and
+    /// the projector into the decoder width `out`.
+    pub fn load(w: &Weights, c: &VisionConfig, out: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let s = w.root().pp(PREFIX);
+        let t = s.pp("img_processor");
+        let h = c.hidden_size;
+        let emb = t.pp("embeddings");
+        let patch_w = emb
+            .pp("patch_embedding")
+            .get("weight", &[h, 3, c.patch_size, c.patch_size], dtype)?
+            .reshape((h, 3 * c.patch_size * c.patch_size))?;
+        let run = if c.feature_layer < 0 {
+            (c.num_hidden_layers as i64 + 1 + c.feature_layer) as usize
+        } else {
+            c.feature_layer as usize
+        };
+        let mut layers = Vec::with_capacity(run);
+        for l in 0..run {
+            layers.push(EncoderLayer::load(&t.pp("encoder").pp("layers").pp(l), c, dtype)?);
+        }
+        let n_pos = (c.image_size / c.patch_size).pow(2);
+        Ok(VisionEncoder {
+            patch_w,
+            patch_b: emb.pp("patch_embedding").get("bias", &[h], dtype)?,
+            pos_table: emb.pp("position_embedding").get("weight", &[n_pos, h], dtype)?,
+            layers,
+            glb_gn: s.get("glb_GN", &[1, 1, h], dtype)?.flatten_all()?,
+            sub_gn: s.get("sub_GN", &[1, 1, 1, h], dtype)?.flatten_all()?,
+            proj_up: Linear::load(&s.pp("img_projection").pp("0"), h, out, dtype)?,
+            proj_down: Linear::load(&s.pp("img_projection").pp("2"), out, out, dtype)?,
+            hidden: h,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Tower output at the feature layer for every crop of `img`: `[1 + crops, 1024, hidden]`.
+    pub fn tower(&self, img: &PreparedImage) -> Result<Tensor> {
+        let n = 1 + img.crops();
+        let pixels = img.pixel_values();
+        let masks = img.crop_masks();
+        let mut outs = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let b = CROPS_PER_BATCH.min(n - start);
+            let px = &pixels[start * 3 * CROP * CROP..(start + b) * 3 * CROP * CROP];
+            let mk = &masks[start * GRID * GRID..(start + b) * GRID * GRID];
+            outs.push(self.tower_batch(px, mk, b)?);
+            start += b;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// `b` crops of normalised pixels `[b, 3, 448, 448]` with masks `[b, 32, 32]`.
+    fn tower_batch(&self, pixels: &[f32], masks: &[u8], b: usize) -> Result<Tensor> {
+        let p = GRID * GRID;
+        let k = 3 * PATCH * PATCH;
+        // Unfold patches, channel-major inside a patch (the conv weight's layout).
+        let mut patches = vec![0f32; b * p * k];
+        for n in 0..b {
+            for r in 0..GRID {
+                for col in 0..GRID {
+                    let dst = &mut patches[((n * p) + r * GRID + col) * k..][..k];
+                    for ch in 0..3 {
+                        for ky in 0..PATCH {
+                            let src = n * 3 * CROP * CROP + ch * CROP * CROP + (r * PATCH + ky) * CROP + col * PATCH;
+                            dst[ch * PATCH * PATCH + ky * PATCH..][..PATCH].copy_from_slice(&pixels[src..src + PATCH]);
+                        }
+                    }
+                }
+            }
+        }
+        let patches = Tensor::from_vec(patches, (b * p, k), &self.device)?.to_dtype(self.dtype)?;
+        let x = kernels::linear(&patches, &self.patch_w)?.broadcast_add(&self.patch_b)?;
+        let (pos, any_pad) = position_ids(masks, b);
+        let pos = Tensor::from_vec(pos, b * p, &self.device)?;
+        let x = (x + self.pos_table.index_select(&pos, 0)?)?.reshape((b, p, self.hidden))?;
+        let mask = if any_pad {
+            let m: Vec<f32> = masks.iter().map(|&v| if v == 1 { 0.0 } else { f32::NEG_INFINITY }).collect();
+            Some(Tensor::from_vec(m, (b, 1, 1, p), &self.device)?)
+        } else {
+            None
+        };
+        let mut x = x;
+        for layer in &self.layers {
+            x = layer.forward(&x, mask.as_ref())?;
+        }
+        Ok(x)
+    }
+
+    /// The assembled `sub_glb` sequence before the projector: `[tokens, hidden]`.
+    pub fn assemble(&self, img: &PreparedImage, tower: &Tensor) -> Result<Tensor> {
+        let h = self.hidden;
+        let half = GRID / 2;
+        // [n, 32, 32, h] → 2×2 average pool → [n, 16, 16, h]
+        let n = tower.dim(0)?;
+        let pooled = tower
+            .reshape((n, half, 2, half, 2, h))?
+            .to_dtype(DType::F32)?
+            .sum(4)?
+            .sum(2)?
+            .affine(0.25, 0.0)?
+            .to_dtype(self.dtype)?; // [n, 16, 16, h]
+        let sub = self.sub_gn.reshape((1, 1, h))?;
+        let with_rows = |grid: Tensor, rows: usize| -> Result<Tensor> {
+            // [rows, cols, h] → [rows·(cols+1), h]
+            let sep = sub.broadcast_as((rows, 1, h))?;
+            Ok(Tensor::cat(&[&grid, &sep], 1)?.reshape(((), h))?)
+        };
+        let global = with_rows(pooled.get(0)?, half)?;
+        let (gw, gh) = img.grid;
+        let local = pooled
+            .narrow(0, 1, gw * gh)?
+            .reshape((gh, gw, half, half, h))?
+            .transpose(1, 2)?
+            .reshape((gh * half, gw * half, h))?;
+        let (uh, uw) = valid_pooled(img);
+        let local = with_rows(local.narrow(0, 0, uh)?.narrow(1, 0, uw)?.contiguous()?, uh)?;
+        Ok(Tensor::cat(&[&local, &self.glb_gn.reshape((1, h))?, &global], 0)?)
+    }
+
+    /// The projected features of `img`: `[num_tokens, decoder hidden]`.
+    pub fn encode(&self, img: &PreparedImage) -> Result<Tensor> {
+        let seq = self.assemble(img, &self.tower(img)?)?;
+        let out = self.proj_down.forward(&self.proj_up.forward(&seq)?.gelu_erf()?)?;
+        if out.dim(0)? != img.num_tokens {
+            return Err(Error::Media(format!(
+                "image features have {} rows but the prompt reserved {}",
+                out.dim(0)?,
+                img.num_tokens
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// NaViT position ids for `b` crops: a valid patch `(r, c)` of a crop with `nh × nw` valid
+/// patches gets `⌊32r/nh⌋·32 + ⌊32c/nw⌋` (a stretched grid), padding gets 0. Also whether
+/// any patch is padding.
+fn position_ids(masks: &[u8], b: usize) -> (Vec<u32>, bool) {
+    let p = GRID * GRID;
+    let mut ids = vec![0u32; b * p];
+    let mut any_pad = false;
+    for n in 0..b {
+        let m = &masks[n * p..(n + 1) * p];
+        let nh = (0..GRID).filter(|&r| m[r * GRID] == 1).count().max(1);
+        let nw = (0..GRID).filter(|&c| m[c] == 1).count().max(1);
+        for r in 0..GRID {
+            for c in 0..GRID {
+                if m[r * GRID + c] == 1 {
+                    ids[n * p + r * GRID + c] = ((GRID * r / nh) * GRID + GRID * c / nw) as u32;
+                } else {
+                    any_pad = true;
+                }
+            }
+        }
+    }
+    (ids, any_pad)
+}
+
+/// Rows and columns of the pooled local grid that hold image (`Uh`, `Uw`, spec §4.3).
+fn valid_pooled(img: &PreparedImage) -> (usize, usize) {
+    let mw = GRID * img.grid.0;
+    let mh = GRID * img.grid.1;
+    let rows = (0..mh).step_by(2).filter(|&r| img.mask[r * mw] == 1).count();
+    let cols = (0..mw).step_by(2).filter(|&c| img.mask[c] == 1).count();
+    (rows, cols)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stretched_positions_for_a_partly_padded_crop() {
+        // 22 valid rows, 32 valid columns (the second crop row of a 1280×720 image).
+        let mut m = vec![1u8; GRID * GRID];
+        for r in 22..GRID {
+            for c in 0..GRID {
+                m[r * GRID + c] = 0;
+            }
+        }
+        let (ids, pad) = position_ids(&m, 1);
+        assert!(pad);
+        assert_eq!(ids[0], 0);
+        assert_eq!(ids[21 * GRID + 5], ((32 * 21 / 22) * 32 + 5) as u32);
+        assert_eq!(ids[22 * GRID], 0);
+        let (full, pad) = position_ids(&[1u8; GRID * GRID], 1);
+        assert!(!pad);
+        assert_eq!(full, (0..1024).collect::<Vec<u32>>());
+    }
+}
