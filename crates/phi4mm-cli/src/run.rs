@@ -24,6 +24,10 @@ pub struct RunArgs {
     /// Image file; repeat for several. Bound in order to <|image_N|> markers in the prompt.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
+    /// A directory of video frames (image files, taken in name order, at most 64); each frame
+    /// is one image. The crop cap per frame shrinks as needed to fit the context.
+    #[arg(long)]
+    pub frames: Option<PathBuf>,
     /// Audio file; repeat for several. Bound in order to <|audio_N|> markers in the prompt.
     #[arg(long = "audio")]
     pub audios: Vec<PathBuf>,
@@ -104,7 +108,28 @@ pub fn system_message(system: Option<&str>, tools: Option<&PathBuf>) -> Result<O
     Ok(Some(m))
 }
 
-pub fn run(a: RunArgs) -> Result<()> {
+/// Image files of a frames directory, in name order.
+fn frame_files(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    const EXT: [&str; 9] = ["jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "ppm"];
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read frames directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| EXT.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "no image files in {}", dir.display());
+    anyhow::ensure!(files.len() <= 64, "{} frames in {}; at most 64", files.len(), dir.display());
+    Ok(files)
+}
+
+pub fn run(mut a: RunArgs) -> Result<()> {
+    if let Some(dir) = a.frames.take() {
+        a.images.extend(frame_files(&dir)?);
+    }
     let prompt_text = if a.prompt == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s).context("reading the prompt from stdin")?;
@@ -132,9 +157,19 @@ pub fn run(a: RunArgs) -> Result<()> {
     req.top_logprobs = if a.json { 5 } else { 0 };
 
     let (engine, _) = a.model.load()?;
+    let prepared = engine.prepare(&req)?;
+    if !prepared.images.is_empty() {
+        let tokens: usize = prepared.images.iter().map(|i| i.num_tokens).sum();
+        eprintln!(
+            "{} image(s): {tokens} image tokens, at most {} crops per image{}",
+            prepared.images.len(),
+            prepared.max_crops,
+            if req.max_crops.is_none() && prepared.max_crops < 36 { " (lowered to fit the context)" } else { "" }
+        );
+    }
     let stdout = std::io::stdout();
     let json = a.json;
-    let completion = engine.generate(&req, |step| {
+    let completion = engine.generate_prepared(&prepared, &req, |step| {
         if !json {
             let mut out = stdout.lock();
             let _ = out.write_all(step.text.as_bytes());

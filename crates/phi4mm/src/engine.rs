@@ -15,7 +15,7 @@ use crate::detok::{StopMatcher, StreamDecoder};
 use crate::error::{Error, Result};
 use crate::encoder_config::VisionConfig;
 use crate::hub::ModelFiles;
-use crate::image_io::{decode_image, load_image, ImageLimits};
+use crate::image_io::{decode_image, load_image, ImageLimits, RgbImage};
 use crate::image_prep::PreparedImage;
 use crate::vision::VisionEncoder;
 use crate::prompt::{self, Mode};
@@ -102,12 +102,14 @@ pub struct Prepared {
     pub mode: Mode,
     /// Preprocessed images, in placeholder order.
     pub images: Vec<PreparedImage>,
+    /// The per-image crop cap that was applied.
+    pub max_crops: usize,
 }
 
 impl Prepared {
     /// Text-only input ids.
     pub fn text(ids: Vec<u32>) -> Self {
-        Prepared { ids, mode: Mode::Text, images: Vec::new() }
+        Prepared { ids, mode: Mode::Text, images: Vec::new(), max_crops: 0 }
     }
 }
 
@@ -179,6 +181,8 @@ pub struct Engine {
 
 /// The reference processor accepts at most this many crops per image.
 pub const MAX_CROPS_LIMIT: usize = 64;
+/// Most images (or video frames) in one request.
+pub const MAX_IMAGES: usize = 64;
 
 impl Engine {
     /// Loads the model in `dir` (see [`crate::hub::resolve_model`] for hub ids).
@@ -261,42 +265,77 @@ impl Engine {
                 req.audios.len()
             )));
         }
-        let images = self.prepare_images(req)?;
-        let image_tokens: Vec<usize> = images.iter().map(|i| i.num_tokens).collect();
         let audio_tokens = media_unsupported(&req.audios, "audio")?;
         let ids = self.tokenizer.encode(&prompt::replace_markers(&text))?;
+        let text_tokens = ids.len() - req.images.len() - req.audios.len();
+        let (images, max_crops) =
+            self.prepare_images(req, text_tokens + audio_tokens.iter().sum::<usize>())?;
+        let image_tokens: Vec<usize> = images.iter().map(|i| i.num_tokens).collect();
         let ids = prompt::expand_placeholders(&ids, &image_tokens, &audio_tokens)?;
         Ok(Prepared {
             ids,
             mode: Mode::from_media(req.images.len(), req.audios.len()),
             images,
+            max_crops,
         })
     }
 
-    /// Decodes and transforms every image of the request.
-    fn prepare_images(&self, req: &GenerateRequest) -> Result<Vec<PreparedImage>> {
+    /// Decodes and transforms every image of the request. Without an explicit `max_crops`,
+    /// the per-image crop cap starts at the model's `dynamic_hd` and shrinks until the prompt
+    /// (`other_tokens` of text and audio plus the images) and the generation fit the context —
+    /// so many frames of a clip still fit. Returns the images and the cap used.
+    fn prepare_images(
+        &self,
+        req: &GenerateRequest,
+        other_tokens: usize,
+    ) -> Result<(Vec<PreparedImage>, usize)> {
         if req.images.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), self.max_crops));
         }
         if self.vision.is_none() {
             return Err(Error::Unsupported("this checkpoint has no image encoder".into()));
         }
-        let max_crops = req.max_crops.unwrap_or(self.max_crops);
-        if max_crops == 0 || max_crops > MAX_CROPS_LIMIT {
+        if req.images.len() > MAX_IMAGES {
             return Err(Error::Request(format!(
-                "max_crops must be between 1 and {MAX_CROPS_LIMIT}, got {max_crops}"
+                "{} images given; at most {MAX_IMAGES} per request",
+                req.images.len()
             )));
         }
-        req.images
+        let decoded: Vec<RgbImage> = req
+            .images
             .iter()
-            .map(|m| {
-                let img = match m {
-                    MediaInput::Path(p) => load_image(p, &self.image_limits)?,
-                    MediaInput::Bytes(b) => decode_image(b, &self.image_limits)?,
-                };
-                PreparedImage::new(&img, max_crops)
+            .map(|m| match m {
+                MediaInput::Path(p) => load_image(p, &self.image_limits),
+                MediaInput::Bytes(b) => decode_image(b, &self.image_limits),
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        let max_crops = match req.max_crops {
+            Some(m) if m == 0 || m > MAX_CROPS_LIMIT => {
+                return Err(Error::Request(format!(
+                    "max_crops must be between 1 and {MAX_CROPS_LIMIT}, got {m}"
+                )))
+            }
+            Some(m) => m,
+            None => {
+                let budget = self.max_context().saturating_sub(other_tokens + req.max_new_tokens);
+                let total = |cap: usize| -> Result<usize> {
+                    decoded.iter().map(|i| prompt::image_token_count(i.width, i.height, cap)).sum()
+                };
+                let mut cap = self.max_crops;
+                while cap > 1 && total(cap)? > budget {
+                    cap -= 1;
+                }
+                if cap < self.max_crops {
+                    tracing::info!(cap, images = decoded.len(), "crop cap lowered so the prompt fits the context");
+                }
+                cap
+            }
+        };
+        let images = decoded
+            .iter()
+            .map(|img| PreparedImage::new(img, max_crops))
+            .collect::<Result<_>>()?;
+        Ok((images, max_crops))
     }
 
     /// Runs a request, calling `on_step` for every generated token; `on_step` returns false to
