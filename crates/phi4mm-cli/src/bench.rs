@@ -21,6 +21,41 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also time this image: preprocessing + image encoder, and time to first token for the
+    /// model card's prompt `<|image_1|>What is shown in this image?`.
+    #[arg(long)]
+    pub image: Option<std::path::PathBuf>,
+}
+
+/// Image encode time and time to first token for the model card's image prompt.
+fn bench_image(engine: &phi4mm::Engine, path: &std::path::Path) -> Result<serde_json::Value> {
+    use phi4mm::{MediaInput, Message};
+    let mut req = GenerateRequest::new(PromptInput::Chat(vec![Message::new(
+        "user",
+        "<|image_1|>What is shown in this image?",
+    )]));
+    req.images = vec![MediaInput::Path(path.to_path_buf())];
+    req.max_new_tokens = 1;
+    let t0 = std::time::Instant::now();
+    let prepared = engine.prepare(&req)?;
+    let prep_s = t0.elapsed().as_secs_f64();
+    let vision = engine.vision().ok_or_else(|| anyhow::anyhow!("no image encoder in this checkpoint"))?;
+    let img = &prepared.images[0];
+    let t1 = std::time::Instant::now();
+    vision.encode(img)?;
+    let encode_s = t1.elapsed().as_secs_f64();
+    let t2 = std::time::Instant::now();
+    engine.generate_prepared(&prepared, &req, |_| true)?;
+    let ttft_s = t2.elapsed().as_secs_f64() + prep_s;
+    Ok(serde_json::json!({
+        "image": path.display().to_string(),
+        "crops": img.crops() + 1,
+        "image_tokens": img.num_tokens,
+        "prompt_tokens": prepared.ids.len(),
+        "preprocess_s": prep_s,
+        "image_encode_s": encode_s,
+        "ttft_s": ttft_s,
+    }))
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -39,7 +74,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     req.ignore_eos = true;
     let prepared = Prepared::text(ids);
     let c = engine.generate_prepared(&prepared, &req, |_| true)?;
+    let image = match &a.image {
+        Some(p) => Some(bench_image(&engine, p)?),
+        None => None,
+    };
     let report = serde_json::json!({
+        "image": image,
         "engine": "phi4mm",
         "model": engine.model_dir().display().to_string(),
         "device": a.model.device,
@@ -64,6 +104,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("decode      {:>8.2} tok/s  ({} tokens)", c.timings.decode_tok_s, c.timings.decode_tokens);
         if let Some(b) = peak_rss_bytes() {
             println!("peak RSS    {:.0} MiB", b as f64 / (1024.0 * 1024.0));
+        }
+        if let Some(img) = &image {
+            println!(
+                "image       {} crops, {} tokens: encode {:.2} s, time to first token {:.2} s ({} prompt tokens)",
+                img["crops"], img["image_tokens"], img["image_encode_s"].as_f64().unwrap_or(0.0),
+                img["ttft_s"].as_f64().unwrap_or(0.0), img["prompt_tokens"]
+            );
         }
         println!("commit      {}", env!("PHI4MM_GIT_COMMIT"));
     }

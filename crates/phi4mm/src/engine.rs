@@ -9,7 +9,11 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::audio::{AudioEncoder, Projector};
+use crate::audio_features::{log_mel, LogMel};
+use crate::audio_io::{decode_audio, load_audio, AudioLimits};
 use crate::config::{GenerationConfig, ModelConfig};
+use crate::resample::to_model_rate;
 use crate::decoder::Decoder;
 use crate::detok::{StopMatcher, StreamDecoder};
 use crate::error::{Error, Result};
@@ -22,6 +26,9 @@ use crate::prompt::{self, Mode};
 use crate::sampler::{self, Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::{Message, Tokenizer};
 use crate::weights::{ProgressFn, Weights};
+
+/// Called with (windows encoded, windows in total) while long audio is encoded.
+pub type EncodeProgress = Box<dyn Fn(usize, usize) + Send + Sync>;
 
 /// Positions the KV cache reserves beyond the prompt before it has to grow.
 const CACHE_STEP: usize = 512;
@@ -104,12 +111,14 @@ pub struct Prepared {
     pub images: Vec<PreparedImage>,
     /// The per-image crop cap that was applied.
     pub max_crops: usize,
+    /// Log-mel features of each audio, in placeholder order.
+    pub audios: Vec<LogMel>,
 }
 
 impl Prepared {
     /// Text-only input ids.
     pub fn text(ids: Vec<u32>) -> Self {
-        Prepared { ids, mode: Mode::Text, images: Vec::new(), max_crops: 0 }
+        Prepared { ids, mode: Mode::Text, images: Vec::new(), max_crops: 0, audios: Vec::new() }
     }
 }
 
@@ -172,6 +181,9 @@ pub struct Engine {
     gen_config: GenerationConfig,
     decoder: Decoder,
     vision: Option<VisionEncoder>,
+    audio: Option<AudioEncoder>,
+    audio_limits: AudioLimits,
+    encode_progress: Option<EncodeProgress>,
     tokenizer: Tokenizer,
     dir: PathBuf,
     /// `dynamic_hd` of preprocessor_config.json.
@@ -191,7 +203,7 @@ impl Engine {
         let config = ModelConfig::from_file(&files.config)?;
         // Validate the encoder descriptions now, so a bad config fails at load.
         let vision_cfg = VisionConfig::from_model_config(&config)?;
-        crate::encoder_config::AudioConfig::from_model_config(&config)?;
+        let audio_cfg = crate::encoder_config::AudioConfig::from_model_config(&config)?;
         let max_crops = read_dynamic_hd(&dir.join("preprocessor_config.json"))?;
         let gen_config = GenerationConfig::from_file_or_default(&files.generation_config)?;
         let tokenizer = Tokenizer::load(&files.tokenizer, &files.tokenizer_config)?;
@@ -204,6 +216,12 @@ impl Engine {
             Some(VisionEncoder::load(&weights, &vision_cfg, config.hidden_size, opts.dtype, &opts.device)?)
         } else {
             tracing::warn!("the checkpoint has no image encoder: image input is disabled");
+            None
+        };
+        let audio = if AudioEncoder::present(&weights) {
+            Some(AudioEncoder::load(&weights, &audio_cfg, config.hidden_size, opts.dtype, &opts.device)?)
+        } else {
+            tracing::warn!("the checkpoint has no audio encoder: audio input is disabled");
             None
         };
         let unused = weights.unused();
@@ -222,6 +240,9 @@ impl Engine {
             gen_config,
             decoder,
             vision,
+            audio,
+            audio_limits: AudioLimits::default(),
+            encode_progress: None,
             tokenizer,
             dir: dir.to_path_buf(),
             max_crops,
@@ -265,7 +286,8 @@ impl Engine {
                 req.audios.len()
             )));
         }
-        let audio_tokens = media_unsupported(&req.audios, "audio")?;
+        let audios = self.prepare_audios(req)?;
+        let audio_tokens: Vec<usize> = audios.iter().map(LogMel::num_tokens).collect();
         let ids = self.tokenizer.encode(&prompt::replace_markers(&text))?;
         let text_tokens = ids.len() - req.images.len() - req.audios.len();
         let (images, max_crops) =
@@ -277,7 +299,38 @@ impl Engine {
             mode: Mode::from_media(req.images.len(), req.audios.len()),
             images,
             max_crops,
+            audios,
         })
+    }
+
+    /// Decodes every audio of the request, brings it to the model rate and computes features.
+    fn prepare_audios(&self, req: &GenerateRequest) -> Result<Vec<LogMel>> {
+        if req.audios.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.audio.is_none() {
+            return Err(Error::Unsupported("this checkpoint has no audio encoder".into()));
+        }
+        req.audios
+            .iter()
+            .map(|m| {
+                let w = match m {
+                    MediaInput::Path(p) => load_audio(p, &self.audio_limits)?,
+                    MediaInput::Bytes(b) => decode_audio(b.clone(), &self.audio_limits)?,
+                };
+                log_mel(&to_model_rate(&w.samples, w.sample_rate)?)
+            })
+            .collect()
+    }
+
+    /// Reports audio-encoder progress (windows done, total) to `f`.
+    pub fn set_encode_progress(&mut self, f: EncodeProgress) {
+        self.encode_progress = Some(f);
+    }
+
+    /// The audio encoder, if the checkpoint has one.
+    pub fn audio(&self) -> Option<&AudioEncoder> {
+        self.audio.as_ref()
     }
 
     /// Decodes and transforms every image of the request. Without an explicit `max_crops`,
@@ -453,7 +506,20 @@ impl Engine {
     /// rows (spec §6.4).
     pub fn embed_prompt(&self, prepared: &Prepared) -> Result<Tensor> {
         let ids = &prepared.ids;
-        let emb = self.decoder.embed(ids)?;
+        let mut emb = self.decoder.embed(ids)?;
+        if !prepared.audios.is_empty() {
+            let audio = self
+                .audio
+                .as_ref()
+                .ok_or_else(|| Error::Unsupported("this checkpoint has no audio encoder".into()))?;
+            let which = if prepared.mode == Mode::VisionSpeech { Projector::Vision } else { Projector::Speech };
+            let progress = self.encode_progress.as_ref().map(|f| f.as_ref() as &dyn Fn(usize, usize));
+            let encoded = audio.encode(&prepared.audios, progress)?;
+            let feats: Vec<Tensor> =
+                encoded.iter().map(|e| audio.project(e, which)).collect::<Result<_>>()?;
+            let feats = Tensor::cat(&feats, 0)?.to_dtype(emb.dtype())?;
+            emb = scatter_rows(&emb, ids, prompt::AUDIO_TOKEN_ID, &feats)?;
+        }
         if prepared.images.is_empty() {
             return Ok(emb);
         }
@@ -535,30 +601,5 @@ fn read_dynamic_hd(path: &Path) -> Result<usize> {
             path: path.to_path_buf(),
             message: format!("dynamic_hd must be a positive integer, got {x}"),
         }),
-    }
-}
-
-/// Checks that media paths are readable, then reports that media input is not implemented
-/// yet. Returns the per-item token counts once the encoders exist.
-fn media_unsupported(items: &[MediaInput], kind: &str) -> Result<Vec<usize>> {
-    for item in items {
-        match item {
-            MediaInput::Path(p) => {
-                std::fs::File::open(p).map_err(|e| {
-                    Error::Media(format!("cannot read {kind} file {}: {e}", p.display()))
-                })?;
-            }
-            MediaInput::Bytes(b) if b.is_empty() => {
-                return Err(Error::Media(format!("the {kind} input is empty (0 bytes)")))
-            }
-            MediaInput::Bytes(_) => {}
-        }
-    }
-    if items.is_empty() {
-        Ok(Vec::new())
-    } else {
-        Err(Error::Unsupported(format!(
-            "{kind} input is not supported yet: this build runs text only"
-        )))
     }
 }

@@ -5,6 +5,9 @@
 //! (with [`lora`], [`rope`] and [`kv_cache`]) turns embeddings into logits, [`sampler`] and
 //! [`detok`] turn logits into text, and [`engine`] runs the stages in order.
 
+pub mod audio;
+pub mod audio_features;
+pub mod audio_io;
 pub mod config;
 pub mod decoder;
 pub mod detok;
@@ -18,6 +21,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod lora;
 pub mod prompt;
+pub mod resample;
 pub mod rope;
 pub mod sampler;
 pub mod tokenizer;

@@ -54,7 +54,7 @@ fn decoder_matches_reference_in_every_lora_mode() {
         let logits = dec.logits(&h).unwrap();
         assert_close(&format!("{name}: logits"), &logits, &f32s(&exp["logits_last"]), 1e-4, 1e-4);
 
-        check_greedy(&engine, name, &Prepared { ids: input.clone(), mode: m, images: Vec::new(), max_crops: 0 }, &exp);
+        check_greedy(&engine, name, &Prepared { ids: input.clone(), mode: m, images: Vec::new(), max_crops: 0, audios: Vec::new() }, &exp);
         checked += 1;
     }
     assert!(checked >= 4, "expected at least four decoder cases, checked {checked}");

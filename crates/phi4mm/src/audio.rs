@@ -1,0 +1,530 @@
+//! The speech encoder (spec §5.4–5.5): global mean/invstd normalisation, NeMo "dw_striding"
+//! ×8 subsampling, a Conformer of macaron blocks with T5 relative bias over independent
+//! 500-frame windows, and the two audio projectors (speech for audio-only requests, vision
+//! when an image is present). Names follow the hub checkpoint
+//! (`model.embed_tokens_extend.audio_embed.*`), structure the original
+//! `speech_conformer_encoder.py`. Long audio is processed window by window, so memory is
+//! bounded by a window, not by the recording.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::audio_features::{LogMel, N_MELS};
+use crate::encoder_config::AudioConfig;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::weights::{Scope, Weights};
+
+/// Hub prefix of the audio encoder.
+pub const PREFIX: &str = "model.embed_tokens_extend.audio_embed";
+/// Subsampled frames per attention window.
+const WINDOW: usize = 500;
+/// Windows sent through the Conformer at once.
+const WINDOWS_PER_BATCH: usize = 2;
+/// Subsampled frames computed per subsampling chunk.
+const SUB_CHUNK: usize = 250;
+
+/// Which projector maps the encoder output into the decoder (spec §3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projector {
+    Speech,
+    Vision,
+}
+
+#[derive(Debug, Clone)]
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn load(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
+        Ok(Linear { w: s.get("weight", &[out_dim, in_dim], dtype)?, b: s.get("bias", &[out_dim], dtype)? })
+    }
+
+    /// A kernel-1 Conv1d `[out, in, 1]` used as a linear layer.
+    fn load_pointwise(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
+        Ok(Linear {
+            w: s.get("weight", &[out_dim, in_dim, 1], dtype)?.reshape((out_dim, in_dim))?,
+            b: s.get("bias", &[out_dim], dtype)?,
+        })
+    }
+
+    /// `[.., in]` → `[.., out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(kernels::linear(x, &self.w)?.broadcast_add(&self.b)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl LayerNorm {
+    fn load(s: &Scope, dim: usize, dtype: DType) -> Result<Self> {
+        Ok(LayerNorm { w: s.get("weight", &[dim], dtype)?, b: s.get("bias", &[dim], dtype)? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, 1e-5)?)
+    }
+}
+
+/// Macaron feed-forward: LN → Linear(d, 2i) → value·swish(gate) → Linear(i, d).
+#[derive(Debug, Clone)]
+struct FeedForward {
+    norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    inter: usize,
+}
+
+impl FeedForward {
+    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
+        let (d, i) = (c.hidden_size, c.intermediate_size);
+        Ok(FeedForward {
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, dtype)?,
+            up: Linear::load(&s.pp("net.0.linear"), d, 2 * i, dtype)?,
+            down: Linear::load(&s.pp("net.2"), i, d, dtype)?,
+            inter: i,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.up.forward(&self.norm.forward(x)?)?;
+        let value = h.narrow(2, 0, self.inter)?;
+        let gate = h.narrow(2, self.inter, self.inter)?;
+        self.down.forward(&(value * candle_nn::ops::silu(&gate)?)?)
+    }
+}
+
+/// Multi-head self-attention with the shared relative bias.
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `x` `[w, t, d]`, `bias` `[1, heads, t, t]` (mask already folded in as −∞).
+    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (w, t, d) = x.dims3()?;
+        let dk = d / self.heads;
+        let split = |y: Tensor| -> Result<Tensor> {
+            Ok(y.reshape((w, t, self.heads, dk))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = (split(self.q.forward(x)?)? * (1.0 / (dk as f64).sqrt()))?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(&bias.to_dtype(q.dtype())?)?; // [w, h, t, t]
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
+        // Fully masked rows (none in practice) give NaN; the original zeroes masked weights.
+        let probs = probs.eq(&probs)?.where_cond(&probs, &probs.zeros_like()?)?.to_dtype(x.dtype())?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((w, t, d))?;
+        self.out.forward(&ctx)
+    }
+}
+
+/// LN → pointwise GLU (extra biases) → causal depthwise conv → pointwise → swish → pointwise.
+#[derive(Debug, Clone)]
+struct ConvModule {
+    norm: LayerNorm,
+    glu: Linear,
+    b1: Tensor,
+    b2: Tensor,
+    dw_w: Vec<f32>, // [d, k]
+    dw_b: Vec<f32>,
+    pw: Linear,
+    ext: Linear,
+    kernel: usize,
+    dim: usize,
+}
+
+impl ConvModule {
+    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
+        let d = c.hidden_size;
+        let k = c.kernel_size;
+        let g = s.pp("glu");
+        let dw = s.pp("dw_sep_conv_1d").pp("dw_conv");
+        Ok(ConvModule {
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, dtype)?,
+            glu: Linear::load_pointwise(&g.pp("ext_pw_conv_1d"), d, 2 * d, dtype)?,
+            b1: g.get("b1", &[1, d, 1], dtype)?.flatten_all()?,
+            b2: g.get("b2", &[1, d, 1], dtype)?.flatten_all()?,
+            dw_w: dw.get("weight", &[d, 1, k], DType::F32)?.flatten_all()?.to_vec1()?,
+            dw_b: dw.get("bias", &[d], DType::F32)?.to_vec1()?,
+            pw: Linear::load_pointwise(&s.pp("dw_sep_conv_1d").pp("pw_conv"), d, d, dtype)?,
+            ext: Linear::load_pointwise(&s.pp("ext_pw_conv_1d"), d, d, dtype)?,
+            kernel: k,
+            dim: d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let d = self.dim;
+        let h = self.glu.forward(&self.norm.forward(x)?)?;
+        let a = h.narrow(2, 0, d)?.broadcast_add(&self.b1)?;
+        let g = h.narrow(2, d, d)?.broadcast_add(&self.b2)?;
+        let h = (a * candle_nn::ops::silu(&g)?)?;
+        let h = self.causal_depthwise(&h)?;
+        let h = candle_nn::ops::silu(&self.pw.forward(&h)?)?;
+        self.ext.forward(&h)
+    }
+
+    /// out[t, c] = Σ_i w[c, i]·x[t − (k−1) + i, c] + b[c] on `[w, t, d]`.
+    fn causal_depthwise(&self, x: &Tensor) -> Result<Tensor> {
+        let (nw, t, d) = x.dims3()?;
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let k = self.kernel;
+        let mut out = vec![0f32; nw * t * d];
+        for w in 0..nw {
+            for tt in 0..t {
+                let o = &mut out[(w * t + tt) * d..(w * t + tt + 1) * d];
+                o.copy_from_slice(&self.dw_b);
+                for i in 0..k {
+                    let Some(src_t) = (tt + i).checked_sub(k - 1) else { continue };
+                    let src = &xs[(w * t + src_t) * d..(w * t + src_t + 1) * d];
+                    for c in 0..d {
+                        o[c] += self.dw_w[c * k + i] * src[c];
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (nw, t, d), x.device())?.to_dtype(x.dtype())?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ff_in: FeedForward,
+    norm_att: LayerNorm,
+    attn: Attention,
+    conv: ConvModule,
+    ff_out: FeedForward,
+    norm: LayerNorm,
+}
+
+impl Block {
+    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
+        let d = c.hidden_size;
+        let a = s.pp("self_attn");
+        Ok(Block {
+            ff_in: FeedForward::load(&s.pp("feed_forward_in"), c, dtype)?,
+            norm_att: LayerNorm::load(&s.pp("layer_norm_att"), d, dtype)?,
+            attn: Attention {
+                q: Linear::load(&a.pp("linear_q"), d, d, dtype)?,
+                k: Linear::load(&a.pp("linear_k"), d, d, dtype)?,
+                v: Linear::load(&a.pp("linear_v"), d, d, dtype)?,
+                out: Linear::load(&a.pp("linear_out"), d, d, dtype)?,
+                heads: c.num_attention_heads,
+            },
+            conv: ConvModule::load(&s.pp("conv"), c, dtype)?,
+            ff_out: FeedForward::load(&s.pp("feed_forward_out"), c, dtype)?,
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, dtype)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let x = (x + (self.ff_in.forward(x)? * 0.5)?)?;
+        let x = (&x + self.attn.forward(&self.norm_att.forward(&x)?, bias)?)?;
+        let x = (&x + self.conv.forward(&x)?)?;
+        let x = (&x + (self.ff_out.forward(&x)? * 0.5)?)?;
+        self.norm.forward(&x)
+    }
+}
+
+/// The NeMo ×8 subsampling, computed on the CPU in f32 (channel-last).
+#[derive(Debug, Clone)]
+struct Subsampling {
+    conv0_w: Vec<f32>, // [c, 3, 3]
+    conv0_b: Vec<f32>,
+    dw1_w: Vec<f32>,
+    dw1_b: Vec<f32>,
+    pw1: Linear,
+    dw2_w: Vec<f32>,
+    dw2_b: Vec<f32>,
+    pw2: Linear,
+    out: Linear,
+    channels: usize,
+}
+
+impl Subsampling {
+    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
+        let ch = c.nemo_conv_channels;
+        let v = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            Ok(s.get(name, shape, DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let pw = |i: usize| -> Result<Linear> {
+            let p = s.pp(format!("conv.{i}"));
+            Ok(Linear {
+                w: p.get("weight", &[ch, ch, 1, 1], dtype)?.reshape((ch, ch))?,
+                b: p.get("bias", &[ch], dtype)?,
+            })
+        };
+        let f_out = N_MELS.div_ceil(8);
+        Ok(Subsampling {
+            conv0_w: v("conv.0.weight", &[ch, 1, 3, 3])?,
+            conv0_b: v("conv.0.bias", &[ch])?,
+            dw1_w: v("conv.2.weight", &[ch, 1, 3, 3])?,
+            dw1_b: v("conv.2.bias", &[ch])?,
+            pw1: pw(3)?,
+            dw2_w: v("conv.5.weight", &[ch, 1, 3, 3])?,
+            dw2_b: v("conv.5.bias", &[ch])?,
+            pw2: pw(6)?,
+            out: Linear::load(&s.pp("out"), ch * f_out, c.hidden_size, dtype)?,
+            channels: ch,
+        })
+    }
+
+    /// Output frames `k0..k1` of the subsampled sequence `[k1−k0, hidden]` from normalised
+    /// features `[t, 80]`. Each output frame sees input frames `8k−7..=8k+7`, so a slice with a
+    /// margin of 16 input frames on each side gives exact results.
+    fn forward_range(&self, feats: &[f32], t: usize, k0: usize, k1: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+        let ch = self.channels;
+        let start = (8 * k0).saturating_sub(16);
+        let end = (8 * k1 + 16).min(t);
+        let n = end - start;
+        // Stage 1: Conv2d(1 → ch, 3×3, stride 2, pad 1) + ReLU. Layout [h, w, ch].
+        let (h1, w1) = (n.div_ceil(2), N_MELS.div_ceil(2));
+        let mut a = vec![0f32; h1 * w1 * ch];
+        for y in 0..h1 {
+            for x in 0..w1 {
+                let o = &mut a[(y * w1 + x) * ch..(y * w1 + x + 1) * ch];
+                o.copy_from_slice(&self.conv0_b);
+                for ky in 0..3 {
+                    let Some(iy) = (2 * y + ky).checked_sub(1).filter(|&v| v < n) else { continue };
+                    for kx in 0..3 {
+                        let Some(ix) = (2 * x + kx).checked_sub(1).filter(|&v| v < N_MELS) else { continue };
+                        let v = feats[(start + iy) * N_MELS + ix];
+                        for c in 0..ch {
+                            o[c] += self.conv0_w[c * 9 + ky * 3 + kx] * v;
+                        }
+                    }
+                }
+                o.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+        let (a, h2, w2) = self.dw_pw(&a, h1, w1, &self.dw1_w, &self.dw1_b, &self.pw1, device)?;
+        let (a, h3, w3) = self.dw_pw(&a, h2, w2, &self.dw2_w, &self.dw2_b, &self.pw2, device)?;
+        // [t', f, ch] → channel-major rows [t', ch·f] → Linear.
+        let skip = k0 - start / 8;
+        let rows = k1 - k0;
+        if skip + rows > h3 {
+            return Err(Error::Media("audio subsampling range out of bounds".into()));
+        }
+        let mut flat = vec![0f32; rows * ch * w3];
+        for r in 0..rows {
+            for f in 0..w3 {
+                for c in 0..ch {
+                    flat[r * ch * w3 + c * w3 + f] = a[((skip + r) * w3 + f) * ch + c];
+                }
+            }
+        }
+        let flat = Tensor::from_vec(flat, (rows, ch * w3), device)?.to_dtype(dtype)?;
+        self.out.forward(&flat)
+    }
+
+    /// Depthwise 3×3 stride-2 conv (pad 1), then pointwise conv, then ReLU.
+    #[allow(clippy::too_many_arguments)]
+    fn dw_pw(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        dw: &[f32],
+        db: &[f32],
+        pw: &Linear,
+        device: &Device,
+    ) -> Result<(Vec<f32>, usize, usize)> {
+        let ch = self.channels;
+        let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
+        let mut o = vec![0f32; ho * wo * ch];
+        for y in 0..ho {
+            for xx in 0..wo {
+                let out = &mut o[(y * wo + xx) * ch..(y * wo + xx + 1) * ch];
+                out.copy_from_slice(db);
+                for ky in 0..3 {
+                    let Some(iy) = (2 * y + ky).checked_sub(1).filter(|&v| v < h) else { continue };
+                    for kx in 0..3 {
+                        let Some(ix) = (2 * xx + kx).checked_sub(1).filter(|&v| v < w) else { continue };
+                        let src = &x[(iy * w + ix) * ch..(iy * w + ix + 1) * ch];
+                        for c in 0..ch {
+                            out[c] += dw[c * 9 + ky * 3 + kx] * src[c];
+                        }
+                    }
+                }
+            }
+        }
+        let t = Tensor::from_vec(o, (ho * wo, ch), device)?;
+        let y = pw.forward(&t.to_dtype(pw.w.dtype())?)?.relu()?;
+        Ok((y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, ho, wo))
+    }
+}
+
+/// The whole audio encoder with both projectors.
+#[derive(Debug, Clone)]
+pub struct AudioEncoder {
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    sub: Subsampling,
+    bias_table: Vec<f32>, // [2·max_dist, heads]
+    max_dist: usize,
+    heads: usize,
+    blocks: Vec<Block>,
+    speech_up: Linear,
+    speech_down: Linear,
+    vision_up: Linear,
+    vision_down: Linear,
+    dtype: DType,
+    device: Device,
+}
+
+impl AudioEncoder {
+    /// Whether the checkpoint has an audio encoder.
+    pub fn present(w: &Weights) -> bool {
+        w.contains(&format!("{PREFIX}.encoder.embed.out.weight"))
+    }
+
+    pub fn load(w: &Weights, c: &AudioConfig, out: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let s = w.root().pp(PREFIX);
+        let e = s.pp("encoder");
+        let d = c.hidden_size;
+        let emb = e.pp("encoder_embedding");
+        let mut blocks = Vec::with_capacity(c.num_blocks);
+        for b in 0..c.num_blocks {
+            blocks.push(Block::load(&e.pp("encoders").pp(b), c, dtype)?);
+        }
+        let proj = |name: &str, i: &str, in_dim: usize| Linear::load(&s.pp("audio_projection").pp(name).pp(i), in_dim, out, dtype);
+        Ok(AudioEncoder {
+            mean: emb.get("global_mean", &[N_MELS], DType::F32)?.to_vec1()?,
+            invstd: emb.get("global_invstd", &[N_MELS], DType::F32)?.to_vec1()?,
+            sub: Subsampling::load(&e.pp("embed"), c, dtype)?,
+            bias_table: e
+                .pp("relative_attention_bias_layer")
+                .pp("bias_values")
+                .get("weight", &[2 * c.bias_max_distance, c.num_attention_heads], DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+            max_dist: c.bias_max_distance,
+            heads: c.num_attention_heads,
+            blocks,
+            speech_up: proj("speech", "0", d)?,
+            speech_down: proj("speech", "2", out)?,
+            vision_up: proj("vision", "0", d)?,
+            vision_down: proj("vision", "2", out)?,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// Encoder outputs for the audios of one request, encoded as one zero-padded batch as the
+    /// reference does: features padded to the longest, keys past each audio's end masked (no
+    /// mask at all for a single audio). Returns `[⌈T_i/8⌉, hidden]` per audio.
+    /// `progress` is told (windows done, windows total).
+    pub fn encode(&self, audios: &[LogMel], progress: Option<&dyn Fn(usize, usize)>) -> Result<Vec<Tensor>> {
+        let t_max = audios.iter().map(|a| a.frames).max().unwrap_or(0);
+        let masked = audios.len() > 1;
+        let tp = t_max.div_ceil(8);
+        let windows_per = if tp > WINDOW { tp.div_ceil(WINDOW) } else { 1 };
+        let total = windows_per * audios.len();
+        let mut done = 0;
+        let mut outs = Vec::with_capacity(audios.len());
+        for a in audios {
+            // Normalise, with zero-padded frames (normalised too) up to the batch length.
+            let mut f = vec![0f32; t_max * N_MELS];
+            f[..a.data.len()].copy_from_slice(&a.data);
+            for row in f.chunks_exact_mut(N_MELS) {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = (*v - self.mean[j]) * self.invstd[j];
+                }
+            }
+            let valid = a.num_tokens();
+            let win_len = tp.min(WINDOW);
+            let mut pieces = Vec::new();
+            let mut w0 = 0;
+            while w0 < windows_per {
+                let nw = WINDOWS_PER_BATCH.min(windows_per - w0);
+                let mut xs = Vec::with_capacity(nw);
+                let mut mask = vec![0f32; nw * win_len];
+                for w in w0..w0 + nw {
+                    let k0 = w * win_len;
+                    let k1 = (k0 + win_len).min(tp);
+                    let mut x = self.subsample(&f, t_max, k0, k1)?;
+                    if k1 - k0 < win_len {
+                        // The last window is zero-padded (after the input projection).
+                        let pad = Tensor::zeros((win_len - (k1 - k0), x.dim(1)?), x.dtype(), &self.device)?;
+                        x = Tensor::cat(&[&x, &pad], 0)?;
+                    }
+                    for j in 0..win_len {
+                        if masked && k0 + j >= valid {
+                            mask[(w - w0) * win_len + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                    xs.push(x);
+                }
+                let x = Tensor::stack(&xs, 0)?; // [nw, win, d]
+                let bias = self.bias(win_len, if masked { Some(&mask) } else { None }, nw)?;
+                let mut h = x;
+                for b in &self.blocks {
+                    h = b.forward(&h, &bias)?;
+                }
+                pieces.push(h.reshape(((), h.dim(2)?))?);
+                w0 += nw;
+                done += nw;
+                if let Some(p) = progress {
+                    p(done, total);
+                }
+            }
+            outs.push(Tensor::cat(&pieces, 0)?.narrow(0, 0, valid)?);
+        }
+        Ok(outs)
+    }
+
+    /// Subsampled, projected frames `k0..k1` in chunks (bounded memory).
+    fn subsample(&self, f: &[f32], t: usize, k0: usize, k1: usize) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        let mut k = k0;
+        while k < k1 {
+            let e = (k + SUB_CHUNK).min(k1);
+            parts.push(self.sub.forward_range(f, t, k, e, &self.device, self.dtype)?);
+            k = e;
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// T5 relative bias `[nw or 1, heads, t, t]` with −∞ on masked keys.
+    fn bias(&self, t: usize, mask: Option<&[f32]>, nw: usize) -> Result<Tensor> {
+        let h = self.heads;
+        let md = self.max_dist as i64;
+        let mut b = vec![0f32; h * t * t];
+        for i in 0..t {
+            for j in 0..t {
+                let r = (j as i64 - i as i64).clamp(-md, md - 1) + md;
+                for hh in 0..h {
+                    b[(hh * t + i) * t + j] = self.bias_table[r as usize * h + hh];
+                }
+            }
+        }
+        let bias = Tensor::from_vec(b, (1, h, t, t), &self.device)?;
+        match mask {
+            None => Ok(bias),
+            Some(m) => {
+                let m = Tensor::from_vec(m.to_vec(), (nw, 1, 1, t), &self.device)?;
+                Ok(bias.broadcast_add(&m)?)
+            }
+        }
+    }
+
+    /// Projects encoder output `[n, hidden]` into the decoder width.
+    pub fn project(&self, x: &Tensor, which: Projector) -> Result<Tensor> {
+        let (up, down) = match which {
+            Projector::Speech => (&self.speech_up, &self.speech_down),
+            Projector::Vision => (&self.vision_up, &self.vision_down),
+        };
+        down.forward(&up.forward(x)?.gelu_erf()?)
+    }
+}
