@@ -74,8 +74,23 @@ impl ModelArgs {
             })),
         };
         let t = Instant::now();
-        let engine = Engine::load(&dir, opts).with_context(|| format!("loading {}", dir.display()))?;
+        let mut engine = Engine::load(&dir, opts).with_context(|| format!("loading {}", dir.display()))?;
         bar.finish_and_clear();
+        // A progress bar for long audio (more than one 40-second window).
+        let audio_bar = ProgressBar::new(0);
+        audio_bar.set_style(
+            ProgressStyle::with_template("encoding audio {bar:40} {pos}/{len} windows ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        engine.set_encode_progress(Box::new(move |done, total| {
+            if total > 1 {
+                audio_bar.set_length(total as u64);
+                audio_bar.set_position(done as u64);
+                if done == total {
+                    audio_bar.finish_and_clear();
+                }
+            }
+        }));
         Ok((engine, t.elapsed().as_secs_f64()))
     }
 }

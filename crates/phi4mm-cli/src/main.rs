@@ -7,6 +7,7 @@ mod bench;
 mod chat;
 mod common;
 mod run;
+mod transcribe;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Measure prefill and decode speed.
     Bench(bench::BenchArgs),
+    /// Transcribe (and optionally translate) an audio file.
+    Transcribe(transcribe::TranscribeArgs),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Transcribe(a) => transcribe::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

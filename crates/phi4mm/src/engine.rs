@@ -314,11 +314,13 @@ impl Engine {
         req.audios
             .iter()
             .map(|m| {
-                let w = match m {
-                    MediaInput::Path(p) => load_audio(p, &self.audio_limits)?,
-                    MediaInput::Bytes(b) => decode_audio(b.clone(), &self.audio_limits)?,
+                let (w, name) = match m {
+                    MediaInput::Path(p) => (load_audio(p, &self.audio_limits)?, p.display().to_string()),
+                    MediaInput::Bytes(b) => (decode_audio(b.clone(), &self.audio_limits)?, "input".into()),
                 };
-                log_mel(&to_model_rate(&w.samples, w.sample_rate)?)
+                to_model_rate(&w.samples, w.sample_rate)
+                    .and_then(|a| log_mel(&a))
+                    .map_err(|e| Error::Media(format!("audio {name}: {e}")))
             })
             .collect()
     }
