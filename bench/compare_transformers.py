@@ -3,6 +3,7 @@
 
     python3 bench/compare_transformers.py MODEL_DIR --python /path/to/venv/bin/python
         [--dtype bf16|f32] [--threads 2] [--prompt-tokens 128] [--gen-tokens 32] [--rounds 2]
+        [--image PATH]
 
 Runs `phi4mm bench --json` and `reference/bench_transformers.py` alternately (`--rounds` times
 each, one engine at a time, never both at once) and prints, per engine, the best prefill and
@@ -10,6 +11,11 @@ decode tokens/s, the peak RSS, and phi4mm's ratio to transformers. MODEL_DIR is 
 the official hub layout, e.g. the full-size random one from `reference/make_full.py`. The python
 given by --python needs torch and transformers (reference/requirements.txt); build phi4mm first
 with `cargo build --release -p phi4mm-cli`.
+
+--image PATH is passed to both (`phi4mm bench --image`, `bench_transformers.py --image`; not with
+--decoder-only) and adds a second table: per engine the best (lowest) image preprocessing, image
+encode (SigLIP tower + HD assembly + projector) and time-to-first-token seconds for the model card
+prompt `<|image_1|>What is shown in this image?`, and the speedup = transformers time / phi4mm time.
 """
 import argparse
 import json
@@ -38,7 +44,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--decoder-only", action="store_true",
                     help="transformers loads only the decoder (needed for f32 in 24 GiB)")
+    ap.add_argument("--image", metavar="PATH",
+                    help="also compare image encode time and time to first token for this image")
     a = ap.parse_args()
+    if a.image and a.decoder_only:
+        ap.error("--image needs transformers' vision encoder: it cannot be combined with --decoder-only")
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
     common = ["--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens)]
@@ -47,6 +57,9 @@ def main():
               "--dtype", a.dtype, "--threads", str(a.threads)] + common
     if a.decoder_only:
         theirs.append("--decoder-only")
+    if a.image:
+        ours += ["--image", a.image]
+        theirs += ["--image", a.image]
 
     results = {"phi4mm": [], "transformers": []}
     for _ in range(a.rounds):
@@ -68,7 +81,32 @@ def main():
     o, t = best["phi4mm"], best["transformers"]
     print(f"{'ratio':<14}{o['prefill'] / t['prefill']:>14.2f}x{o['decode'] / t['decode']:>13.2f}x"
           f"{o['rss'] / t['rss']:>13.2f}x")
+    if a.image:
+        print_image_table(a.image, results)
     print(json.dumps({"runs": results}))
+
+
+def print_image_table(path, results):
+    """Best (lowest) seconds per engine for the image numbers, and transformers / phi4mm."""
+    keys = [("preprocess_s", "preprocess s"), ("image_encode_s", "encode s"), ("ttft_s", "TTFT s")]
+    best, shape = {}, {}
+    for name, runs in results.items():
+        imgs = [r.get("image") for r in runs]
+        if any(i is None for i in imgs):
+            print(f"\n{name} reported no image numbers", file=sys.stderr)
+            return
+        best[name] = {k: min(i[k] for i in imgs) for k, _ in keys}
+        shape[name] = (imgs[0]["crops"], imgs[0]["image_tokens"], imgs[0]["prompt_tokens"])
+    crops, img_tok, prompt_tok = shape["phi4mm"]
+    print(f"\nimage {path}: {crops} crops (incl. global), {img_tok} image tokens, {prompt_tok} prompt tokens")
+    if shape["transformers"] != shape["phi4mm"]:
+        print(f"warning: transformers reports crops/image tokens/prompt tokens {shape['transformers']}, "
+              f"phi4mm {shape['phi4mm']}")
+    print(f"{'engine':<14}" + "".join(f"{label:>15}" for _, label in keys))
+    for name, b in best.items():
+        print(f"{name:<14}" + "".join(f"{b[k]:>15.3f}" for k, _ in keys))
+    o, t = best["phi4mm"], best["transformers"]
+    print(f"{'speedup':<14}" + "".join(f"{t[k] / o[k]:>14.2f}x" if o[k] > 0 else f"{'-':>15}" for k, _ in keys))
 
 
 if __name__ == "__main__":

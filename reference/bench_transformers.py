@@ -2,7 +2,7 @@
 """CPU baseline: transformers' native Phi4MultimodalForCausalLM on a hub-layout Phi-4-multimodal checkpoint.
 
     python reference/bench_transformers.py MODEL_DIR [--prompt-tokens 128] [--gen-tokens 32]
-        [--threads 2] [--dtype bf16|f32] [--decoder-only] [--seed 0]
+        [--threads 2] [--dtype bf16|f32] [--decoder-only] [--seed 0] [--image PATH]
 
 MODEL_DIR is a directory in the official hub layout (config.json with model_type "phi4mm",
 model-*-of-*.safetensors + model.safetensors.index.json), e.g. the output of reference/make_full.py.
@@ -29,7 +29,30 @@ What it does
     {"engine":"transformers","dtype":...,"threads":...,"prompt_tokens":...,"gen_tokens":...,
      "prefill_tok_s":...,"decode_tok_s":...,"peak_rss_mib":...,"load_s":...}
     (peak_rss_mib = getrusage ru_maxrss of this process, whole run; load_s = model build + weight
-    read). Details go to stderr.
+    read), plus "image": null, or with --image the object described below. Details go to stderr.
+
+--image PATH (not with --decoder-only: it needs the vision encoder), after the text numbers, on the
+same loaded model, with the keys of `phi4mm bench --image`:
+    "image": {"image": PATH, "crops": 1 + local crops, "image_tokens": ..., "prompt_tokens": ...,
+              "preprocess_s": ..., "image_encode_s": ..., "ttft_s": ...}
+  * preprocess_s: image file decode + the ORIGINAL processor's transform (make_vision.preprocess,
+    imported, not copied: PIL bilinear HD resize, white pad, normalize, bicubic thumbnail, masks) +
+    batching to image_pixel_values / image_attention_mask / image_sizes + tokenizing the prompt
+    and expanding its placeholder (make_vision.expand). One run. The tokenizer (tokenizer.json of
+    MODEL_DIR) is loaded before, untimed (the Rust engine loads it with the model).
+  * image_encode_s: just the image encoder, i.e. the native model's image_embed (SigLIP tower +
+    2x2 pool + HD assembly with sub_GN / glb_GN + projector; its final scatter into an all-placeholder
+    embedding row set is negligible) on those three tensors; median of 2 runs, done right after the
+    text timings (no extra warm-up).
+  * ttft_s: preprocess_s + one full forward of the model card prompt
+    `<|user|><|image_1|>What is shown in this image?<|end|><|assistant|>` (placeholder expanded to
+    image_tokens copies of 200010) with the image inputs into an empty DynamicCache (image encode +
+    prefill, last-position logits) + argmax. Like phi4mm, this is measured after image_encode_s.
+  The vision LoRA is not applied (as for text, lora_* tensors are dropped). Merged into the base
+  weights it would change the values but not the time; the original's unmerged adapters would add
+  r=256 low-rank products to every decoder linear. The SigLIP tower runs with the model's sdpa
+  attention; note that transformers 5.23's sdpa SigLIP is causal when no crop of the batch is padded
+  (see README, vision fixtures): wrong values, about the same time. A warning is logged then.
 
 Notes: sliding_window (262144 in the hub config) is passed as None: it never triggers below 131072
 tokens, and None keeps transformers on its plain causal-mask path. LoRA is not applied (text-only
@@ -238,6 +261,73 @@ def load_model(model_dir, dtype, decoder_only):
     return model, cfg
 
 
+PROMPT = "<|user|><|image_1|>What is shown in this image?<|end|><|assistant|>"  # model card prompt
+
+
+def bench_image(model, cfg, model_dir, path, dtype):
+    """Image numbers (see the module docstring) on the loaded full model; returns the "image" object."""
+    from transformers import DynamicCache, TokenizersBackend
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from PIL import Image
+    import make_vision as mv  # the original (hub) processor's preprocessing, placeholder expansion, batching
+
+    tt = time.perf_counter()
+    tok = TokenizersBackend.from_pretrained(model_dir)
+    log(f"image: tokenizer loaded in {time.perf_counter() - tt:.2f} s (not timed)")
+
+    t0 = time.perf_counter()
+    img = Image.open(path)
+    img.load()
+    t1 = time.perf_counter()
+    pre = mv.preprocess(img)
+    inputs = mv.batch([pre])
+    t2 = time.perf_counter()
+    ids = torch.tensor([mv.expand(tok, PROMPT, [pre["num_img_tokens"]])])
+    t3 = time.perf_counter()
+    preprocess_s = t3 - t0
+    n_tok, crops = pre["num_img_tokens"], int(pre["pixel_values"].shape[0])
+    (gw, gh), (nw, nh) = pre["grid"], pre["resized"]
+    log(f"image {path}: {img.size[0]}x{img.size[1]} {img.mode}, grid {gw}x{gh} ({crops} crops incl. global), "
+        f"resized {nw}x{nh}, {n_tok} image tokens, {ids.shape[1]} prompt tokens")
+    log(f"preprocess {preprocess_s:.4f} s = decode {t1 - t0:.4f} + transform/batch {t2 - t1:.4f} "
+        f"+ tokenize/expand {t3 - t2:.4f}")
+
+    ie = model.model.embed_tokens_extend.image_embed
+    attn = ie.img_processor.config._attn_implementation
+    if attn == "sdpa" and bool(inputs["image_attention_mask"].bool().all()):
+        log("warning: no crop of this image is padded, so transformers' sdpa SigLIP runs CAUSAL attention "
+            "(its bug; values wrong, time about the same)")
+    placeholders = torch.full((1, n_tok), mv.IMAGE_ID)
+    blank = torch.zeros(1, n_tok, cfg.hidden_size, dtype=dtype)
+    enc = []
+    with torch.inference_mode():
+        for _ in range(2):
+            te = time.perf_counter()
+            feats = ie(placeholders, blank, **inputs)
+            enc.append(time.perf_counter() - te)
+        assert feats.shape == (1, n_tok, cfg.hidden_size), feats.shape
+        del feats
+        log(f"image encode ({attn} attention), 2 runs (s): " + " ".join(f"{t:.4f}" for t in enc))
+
+        cache = DynamicCache(config=cfg)
+        tf = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **inputs)
+        first = int(out.logits[0, -1].argmax())
+        fwd_s = time.perf_counter() - tf
+        del cache, out
+    log(f"image prompt forward (encode + prefill {ids.shape[1]} tokens) + argmax: {fwd_s:.4f} s, "
+        f"first token {first}; ttft = preprocess + forward = {preprocess_s + fwd_s:.4f} s")
+    return {
+        "image": str(path),
+        "crops": crops,
+        "image_tokens": n_tok,
+        "prompt_tokens": int(ids.shape[1]),
+        "preprocess_s": round(preprocess_s, 4),
+        "image_encode_s": round(statistics.median(enc), 4),
+        "ttft_s": round(preprocess_s + fwd_s, 4),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -248,7 +338,13 @@ def main():
     ap.add_argument("--decoder-only", action="store_true",
                     help="do not read the vision/audio encoder weights (text-only runs never use them)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image", metavar="PATH",
+                    help="also time this image: preprocessing, image encoder, time to first token (see above)")
     args = ap.parse_args()
+    if args.image and args.decoder_only:
+        ap.error("--image needs the vision encoder: it cannot be combined with --decoder-only")
+    if args.image and not os.path.isfile(args.image):
+        ap.error(f"--image: no such file: {args.image}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -291,6 +387,7 @@ def main():
     log(f"prefill {args.prompt_tokens} tokens: {prefill_s:.2f} s; decode steps (s): "
         + " ".join(f"{t:.3f}" for t in times))
     log(f"greedy tokens: {toks}")
+    image = bench_image(model, cfg, args.model_dir, args.image, dtype) if args.image else None
     med = statistics.median(times) if times else float("nan")
     res = {
         "engine": "transformers",
@@ -302,6 +399,7 @@ def main():
         "decode_tok_s": round(1.0 / med, 3) if times else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "load_s": round(load_s, 2),
+        "image": image,
     }
     print(json.dumps(res), flush=True)
 

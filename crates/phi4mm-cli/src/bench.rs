@@ -25,6 +25,42 @@ pub struct BenchArgs {
     /// model card's prompt `<|image_1|>What is shown in this image?`.
     #[arg(long)]
     pub image: Option<std::path::PathBuf>,
+    /// Also time this audio file: decoding + features, and the speech encoder + projector
+    /// (real-time factor = encode time / audio duration).
+    #[arg(long)]
+    pub audio: Option<std::path::PathBuf>,
+    /// Skip the text prefill/decode measurement (only media timings).
+    #[arg(long)]
+    pub media_only: bool,
+}
+
+/// Feature and encoder time for one audio file.
+fn bench_audio(engine: &phi4mm::Engine, path: &std::path::Path) -> Result<serde_json::Value> {
+    use phi4mm::{MediaInput, Message};
+    let mut req = GenerateRequest::new(PromptInput::Chat(vec![Message::new("user", "<|audio_1|>Transcribe the audio clip into text.")]));
+    req.audios = vec![MediaInput::Path(path.to_path_buf())];
+    req.max_new_tokens = 1;
+    let rss_before = peak_rss_bytes();
+    let t0 = std::time::Instant::now();
+    let prepared = engine.prepare(&req)?;
+    let features_s = t0.elapsed().as_secs_f64();
+    let feats = &prepared.audios[0];
+    let seconds = (feats.frames - 1) as f64 * 0.01 + 0.025;
+    let audio = engine.audio().ok_or_else(|| anyhow::anyhow!("no audio encoder in this checkpoint"))?;
+    let t1 = std::time::Instant::now();
+    let out = audio.encode(std::slice::from_ref(feats), None)?;
+    audio.project(&out[0], phi4mm::audio::Projector::Speech)?;
+    let encode_s = t1.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "audio": path.display().to_string(),
+        "seconds": seconds,
+        "audio_tokens": feats.num_tokens(),
+        "features_s": features_s,
+        "encode_s": encode_s,
+        "rtf": encode_s / seconds,
+        "peak_rss_mib_before": rss_before.map(|b| b as f64 / 1048576.0),
+        "peak_rss_mib_after": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+    }))
 }
 
 /// Image encode time and time to first token for the model card's image prompt.
@@ -73,13 +109,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     req.max_new_tokens = a.gen_tokens;
     req.ignore_eos = true;
     let prepared = Prepared::text(ids);
-    let c = engine.generate_prepared(&prepared, &req, |_| true)?;
+    let c = if a.media_only {
+        None
+    } else {
+        Some(engine.generate_prepared(&prepared, &req, |_| true)?)
+    };
+    let audio = match &a.audio {
+        Some(p) => Some(bench_audio(&engine, p)?),
+        None => None,
+    };
     let image = match &a.image {
         Some(p) => Some(bench_image(&engine, p)?),
         None => None,
     };
     let report = serde_json::json!({
         "image": image,
+        "audio": audio,
         "engine": "phi4mm",
         "model": engine.model_dir().display().to_string(),
         "device": a.model.device,
@@ -87,10 +132,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "format": a.model.dtype,
         "threads": candle_threads(),
         "prompt_tokens": a.prompt_tokens,
-        "gen_tokens": c.tokens.len(),
+        "gen_tokens": c.as_ref().map(|c| c.tokens.len()),
         "load_s": load_s,
-        "prefill_tok_s": c.timings.prefill_tok_s,
-        "decode_tok_s": c.timings.decode_tok_s,
+        "prefill_tok_s": c.as_ref().map(|c| c.timings.prefill_tok_s),
+        "decode_tok_s": c.as_ref().map(|c| c.timings.decode_tok_s),
         "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         "commit": env!("PHI4MM_GIT_COMMIT"),
     });
@@ -100,8 +145,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("model       {}", engine.model_dir().display());
         println!("device      {}  dtype {}  threads {}", a.model.device, a.model.dtype, candle_threads());
         println!("load        {load_s:.2} s");
-        println!("prefill     {:>8.2} tok/s  ({} tokens)", c.timings.prefill_tok_s, a.prompt_tokens);
-        println!("decode      {:>8.2} tok/s  ({} tokens)", c.timings.decode_tok_s, c.timings.decode_tokens);
+        if let Some(c) = &c {
+            println!("prefill     {:>8.2} tok/s  ({} tokens)", c.timings.prefill_tok_s, a.prompt_tokens);
+            println!("decode      {:>8.2} tok/s  ({} tokens)", c.timings.decode_tok_s, c.timings.decode_tokens);
+        }
+        if let Some(au) = &audio {
+            println!(
+                "audio       {:.1} s, {} tokens: features {:.2} s, encoder {:.2} s, real-time factor {:.4}",
+                au["seconds"].as_f64().unwrap_or(0.0), au["audio_tokens"], au["features_s"].as_f64().unwrap_or(0.0),
+                au["encode_s"].as_f64().unwrap_or(0.0), au["rtf"].as_f64().unwrap_or(0.0)
+            );
+        }
         if let Some(b) = peak_rss_bytes() {
             println!("peak RSS    {:.0} MiB", b as f64 / (1024.0 * 1024.0));
         }

@@ -80,6 +80,11 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rto
 /// Greedy generation step by step from `prepared`: tokens exact, top-k ids exact, top-k
 /// logits close to the reference's `greedy`, `step_top_ids`, `step_top_logits`.
 pub fn check_greedy(engine: &Engine, case: &str, prepared: &Prepared, exp: &HashMap<String, Tensor>) {
+    check_greedy_tol(engine, case, prepared, exp, 1e-4)
+}
+
+/// [`check_greedy`] with an absolute and relative logit tolerance.
+pub fn check_greedy_tol(engine: &Engine, case: &str, prepared: &Prepared, exp: &HashMap<String, Tensor>, tol: f32) {
     let greedy = ids(&exp["greedy"]);
     let top_ids = ids(&exp["step_top_ids"]);
     let top_logits = f32s(&exp["step_top_logits"]);
@@ -98,8 +103,8 @@ pub fn check_greedy(engine: &Engine, case: &str, prepared: &Prepared, exp: &Hash
                 &format!("{case}: top logits at step {step}"),
                 &got,
                 &top_logits[step * k..(step + 1) * k],
-                1e-4,
-                1e-4,
+                tol,
+                tol,
             );
             step += 1;
             true
