@@ -2,7 +2,7 @@
 """CPU baseline: transformers' native Phi4MultimodalForCausalLM on a hub-layout Phi-4-multimodal checkpoint.
 
     python reference/bench_transformers.py MODEL_DIR [--prompt-tokens 128] [--gen-tokens 32]
-        [--threads 2] [--dtype bf16|f32] [--decoder-only] [--seed 0] [--image PATH]
+        [--threads 2] [--dtype bf16|f32] [--decoder-only] [--seed 0] [--image PATH] [--audio PATH]
 
 MODEL_DIR is a directory in the official hub layout (config.json with model_type "phi4mm",
 model-*-of-*.safetensors + model.safetensors.index.json), e.g. the output of reference/make_full.py.
@@ -29,7 +29,8 @@ What it does
     {"engine":"transformers","dtype":...,"threads":...,"prompt_tokens":...,"gen_tokens":...,
      "prefill_tok_s":...,"decode_tok_s":...,"peak_rss_mib":...,"load_s":...}
     (peak_rss_mib = getrusage ru_maxrss of this process, whole run; load_s = model build + weight
-    read), plus "image": null, or with --image the object described below. Details go to stderr.
+    read), plus "image" and "audio": null, or with --image / --audio the objects described below.
+    Details go to stderr.
 
 --image PATH (not with --decoder-only: it needs the vision encoder), after the text numbers, on the
 same loaded model, with the keys of `phi4mm bench --image`:
@@ -53,6 +54,23 @@ same loaded model, with the keys of `phi4mm bench --image`:
   r=256 low-rank products to every decoder linear. The SigLIP tower runs with the model's sdpa
   attention; note that transformers 5.23's sdpa SigLIP is causal when no crop of the batch is padded
   (see README, vision fixtures): wrong values, about the same time. A warning is logged then.
+
+--audio PATH (a 16 kHz WAV; anything else is rejected before the model loads; not with
+--decoder-only: it needs the audio encoder), after the text (and image) numbers, on the same loaded
+model, with the keys of `phi4mm bench --audio`:
+    "audio": {"audio": PATH, "seconds": ..., "audio_tokens": ..., "features_s": ..., "encode_s": ...,
+              "rtf": ..., "peak_rss_mib_before": ..., "peak_rss_mib_after": ...}
+  * features_s: soundfile.read of the file (float64, as the model card loads it) + the ORIGINAL
+    feature extractor (make_audio.original_features, imported, not copied: channel mean, framing,
+    pre-emphasis, Hamming, rfft, SpeechLib mel, log) -> log-mel f32 [T, 80]. One run.
+  * encode_s: the native speech encoder as the native model runs it for an audio-only request: the
+    `audio_embed` module (Conformer + speech projector: Linear, GELU, Linear; its final scatter into
+    an all-placeholder embedding row set is negligible) with audio_input_features [1, T, 80],
+    audio_embed_sizes [ceil(T/8)], audio_attention_mask None, projection mode "speech". One run
+    (audio can be long), right after the text / image timings, no extra warm-up.
+  * seconds: the audio duration, samples / 16000; audio_tokens: ceil(T/8); rtf = encode_s / seconds;
+    peak_rss_mib_before / _after: ru_maxrss before features_s and after encode_s.
+  The speech LoRA is not applied (lora_* tensors are dropped); it does not touch the encoder.
 
 Notes: sliding_window (262144 in the hub config) is passed as None: it never triggers below 131072
 tokens, and None keeps transformers on its plain causal-mask path. LoRA is not applied (text-only
@@ -328,6 +346,71 @@ def bench_image(model, cfg, model_dir, path, dtype):
     }
 
 
+def check_audio(path):
+    """Returns an error message unless PATH is a readable 16 kHz WAV file (else None)."""
+    if not os.path.isfile(path):
+        return f"no such file: {path}"
+    import soundfile as sf
+    try:
+        info = sf.info(path)
+    except Exception as e:  # noqa: BLE001  (libsndfile's message says what is wrong)
+        return f"cannot read {path}: {e}"
+    what = f"{path} is {info.format} at {info.samplerate} Hz ({info.channels} ch); a 16 kHz WAV file is expected"
+    if info.samplerate != 16000:
+        return (what + " (the original extractor decimates / fill-zeroes other rates, so its features and token "
+                "count would not be comparable with phi4mm's)")
+    if info.format != "WAV":
+        return what
+    return None
+
+
+def bench_audio(model, cfg, path, dtype):
+    """Audio numbers (see the module docstring) on the loaded full model; returns the "audio" object."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_audio as ma  # the original (hub) feature extractor (numpy), token count, soundfile loader
+
+    rss = lambda: round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    rss_before = rss()
+    t0 = time.perf_counter()
+    wav, fs = ma.load_audio(path)
+    t1 = time.perf_counter()
+    feats, signal, ffs = ma.original_features(wav, fs)
+    t2 = time.perf_counter()
+    features_s = t2 - t0
+    assert fs == ffs == 16000, (fs, ffs)
+    seconds = len(signal) / 16000
+    n_frames = int(feats.shape[0])
+    n_tok = ma.num_tokens(n_frames)
+    log(f"audio {path}: {len(wav)} samples at {fs} Hz ({seconds:.3f} s, {1 if wav.ndim == 1 else wav.shape[1]} ch), "
+        f"T = {n_frames} frames, {n_tok} audio tokens")
+    log(f"features {features_s:.4f} s = read {t1 - t0:.4f} + original extractor {t2 - t1:.4f}")
+
+    ae = model.model.embed_tokens_extend.audio_embed
+    attn = ae.encoder.config._attn_implementation
+    x = torch.from_numpy(feats)[None]                                   # [1, T, 80] f32; audio_embed casts to dtype
+    placeholders = torch.full((1, n_tok), cfg.audio_config.audio_token_id)
+    blank = torch.zeros(1, n_tok, cfg.hidden_size, dtype=dtype)
+    with torch.inference_mode():
+        te = time.perf_counter()
+        out = ae(placeholders, blank, audio_input_features=x, audio_embed_sizes=torch.tensor([n_tok]),
+                 audio_attention_mask=None, audio_projection_mode="speech")
+        encode_s = time.perf_counter() - te
+    assert out.shape == (1, n_tok, cfg.hidden_size), out.shape
+    del out
+    log(f"audio encode (Conformer, {attn} attention, + speech projector), 1 run: {encode_s:.4f} s, "
+        f"real-time factor {encode_s / seconds:.4f}")
+    return {
+        "audio": str(path),
+        "seconds": seconds,
+        "audio_tokens": n_tok,
+        "features_s": round(features_s, 4),
+        "encode_s": round(encode_s, 4),
+        "rtf": round(encode_s / seconds, 6),
+        "peak_rss_mib_before": rss_before,
+        "peak_rss_mib_after": rss(),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -340,7 +423,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image", metavar="PATH",
                     help="also time this image: preprocessing, image encoder, time to first token (see above)")
+    ap.add_argument("--audio", metavar="PATH",
+                    help="also time this 16 kHz WAV: original features, speech encoder + projector (see above)")
     args = ap.parse_args()
+    if args.audio and args.decoder_only:
+        ap.error("--audio needs the audio encoder: it cannot be combined with --decoder-only")
+    if args.audio:
+        err = check_audio(args.audio)
+        if err:
+            ap.error(f"--audio: {err}")
     if args.image and args.decoder_only:
         ap.error("--image needs the vision encoder: it cannot be combined with --decoder-only")
     if args.image and not os.path.isfile(args.image):
@@ -388,6 +479,7 @@ def main():
         + " ".join(f"{t:.3f}" for t in times))
     log(f"greedy tokens: {toks}")
     image = bench_image(model, cfg, args.model_dir, args.image, dtype) if args.image else None
+    audio = bench_audio(model, cfg, args.audio, dtype) if args.audio else None
     med = statistics.median(times) if times else float("nan")
     res = {
         "engine": "transformers",
@@ -400,6 +492,7 @@ def main():
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "load_s": round(load_s, 2),
         "image": image,
+        "audio": audio,
     }
     print(json.dumps(res), flush=True)
 

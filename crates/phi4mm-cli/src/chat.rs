@@ -2,14 +2,14 @@
 //! `/image PATH` and `/audio PATH` attach media to the next message, `/system TEXT` sets the
 //! system message, `/reset` forgets the conversation, `/exit` quits.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 use phi4mm::{MediaInput, Message, PromptInput};
 
-use crate::common::ModelArgs;
+use crate::common::{stream_stdout, ModelArgs};
 use crate::run::{system_message, GenArgs};
 
 #[derive(Args, Debug)]
@@ -96,13 +96,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         req.images.extend(conv.pending_images.iter().cloned().map(MediaInput::Path));
         req.audios = conv.audios.clone();
         req.audios.extend(conv.pending_audios.iter().cloned().map(MediaInput::Path));
-        let stdout = std::io::stdout();
-        let result = engine.generate(&req, |step| {
-            let mut out = stdout.lock();
-            let _ = out.write_all(step.text.as_bytes());
-            let _ = out.flush();
-            true
-        });
+        let result = engine.generate(&req, stream_stdout(false));
         println!();
         match result {
             Ok(c) => {

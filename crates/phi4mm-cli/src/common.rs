@@ -102,3 +102,16 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// A generation callback that streams each step's text to stdout (unless `quiet`).
+pub fn stream_stdout(quiet: bool) -> impl FnMut(&phi4mm::Step) -> bool {
+    use std::io::Write;
+    move |step| {
+        if !quiet {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(step.text.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    }
+}

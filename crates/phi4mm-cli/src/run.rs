@@ -1,13 +1,13 @@
 //! `phi4mm run`: one prompt in, the reply streamed out (or one JSON object with `--json`).
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use phi4mm::{GenerateRequest, MediaInput, Message, PromptInput, SamplingParams};
 
-use crate::common::ModelArgs;
+use crate::common::{stream_stdout, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -167,17 +167,8 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             if req.max_crops.is_none() && prepared.max_crops < 36 { " (lowered to fit the context)" } else { "" }
         );
     }
-    let stdout = std::io::stdout();
-    let json = a.json;
-    let completion = engine.generate_prepared(&prepared, &req, |step| {
-        if !json {
-            let mut out = stdout.lock();
-            let _ = out.write_all(step.text.as_bytes());
-            let _ = out.flush();
-        }
-        true
-    })?;
-    if json {
+    let completion = engine.generate_prepared(&prepared, &req, stream_stdout(a.json))?;
+    if a.json {
         println!("{}", serde_json::to_string(&completion)?);
     } else {
         println!();

@@ -1,14 +1,13 @@
 //! `phi4mm transcribe`: speech recognition, or transcription plus translation, with the model
 //! card's task prompts.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 use phi4mm::{MediaInput, Message, PromptInput};
 
-use crate::common::ModelArgs;
+use crate::common::{stream_stdout, ModelArgs};
 use crate::run::GenArgs;
 
 #[derive(Args, Debug)]
@@ -45,17 +44,8 @@ pub fn run(a: TranscribeArgs) -> Result<()> {
     let prompt = task_prompt(a.translate_to.as_deref());
     let mut req = a.gen.request(PromptInput::Chat(vec![Message::new("user", prompt)]));
     req.audios = vec![MediaInput::Path(a.file.clone())];
-    let stdout = std::io::stdout();
-    let json = a.json;
-    let c = engine.generate(&req, |step| {
-        if !json {
-            let mut out = stdout.lock();
-            let _ = out.write_all(step.text.as_bytes());
-            let _ = out.flush();
-        }
-        true
-    })?;
-    if json {
+    let c = engine.generate(&req, stream_stdout(a.json))?;
+    if a.json {
         let (transcript, translation) = match c.text.split_once("<sep>") {
             Some((t, tr)) if a.translate_to.is_some() => (t.trim().to_string(), Some(tr.trim().to_string())),
             _ => (c.text.trim().to_string(), None),

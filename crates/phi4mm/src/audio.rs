@@ -11,11 +11,13 @@ use candle_core::{DType, Device, Tensor};
 use crate::audio_features::{LogMel, N_MELS};
 use crate::encoder_config::AudioConfig;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::layers::{LayerNorm, Linear};
 use crate::weights::{Scope, Weights};
 
 /// Hub prefix of the audio encoder.
 pub const PREFIX: &str = "model.embed_tokens_extend.audio_embed";
+/// LayerNorm epsilon of the Conformer (PyTorch's default).
+const EPS: f64 = 1e-5;
 /// Subsampled frames per attention window.
 const WINDOW: usize = 500;
 /// Windows sent through the Conformer at once.
@@ -28,47 +30,6 @@ const SUB_CHUNK: usize = 250;
 pub enum Projector {
     Speech,
     Vision,
-}
-
-#[derive(Debug, Clone)]
-struct Linear {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl Linear {
-    fn load(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
-        Ok(Linear { w: s.get("weight", &[out_dim, in_dim], dtype)?, b: s.get("bias", &[out_dim], dtype)? })
-    }
-
-    /// A kernel-1 Conv1d `[out, in, 1]` used as a linear layer.
-    fn load_pointwise(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
-        Ok(Linear {
-            w: s.get("weight", &[out_dim, in_dim, 1], dtype)?.reshape((out_dim, in_dim))?,
-            b: s.get("bias", &[out_dim], dtype)?,
-        })
-    }
-
-    /// `[.., in]` → `[.., out]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(kernels::linear(x, &self.w)?.broadcast_add(&self.b)?)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl LayerNorm {
-    fn load(s: &Scope, dim: usize, dtype: DType) -> Result<Self> {
-        Ok(LayerNorm { w: s.get("weight", &[dim], dtype)?, b: s.get("bias", &[dim], dtype)? })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, 1e-5)?)
-    }
 }
 
 /// Macaron feed-forward: LN → Linear(d, 2i) → value·swish(gate) → Linear(i, d).
@@ -84,7 +45,7 @@ impl FeedForward {
     fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
         let (d, i) = (c.hidden_size, c.intermediate_size);
         Ok(FeedForward {
-            norm: LayerNorm::load(&s.pp("layer_norm"), d, dtype)?,
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, dtype)?,
             up: Linear::load(&s.pp("net.0.linear"), d, 2 * i, dtype)?,
             down: Linear::load(&s.pp("net.2"), i, d, dtype)?,
             inter: i,
@@ -151,14 +112,14 @@ impl ConvModule {
         let g = s.pp("glu");
         let dw = s.pp("dw_sep_conv_1d").pp("dw_conv");
         Ok(ConvModule {
-            norm: LayerNorm::load(&s.pp("layer_norm"), d, dtype)?,
-            glu: Linear::load_pointwise(&g.pp("ext_pw_conv_1d"), d, 2 * d, dtype)?,
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, dtype)?,
+            glu: Linear::load_pointwise(&g.pp("ext_pw_conv_1d"), d, 2 * d, 3, dtype)?,
             b1: g.get("b1", &[1, d, 1], dtype)?.flatten_all()?,
             b2: g.get("b2", &[1, d, 1], dtype)?.flatten_all()?,
             dw_w: dw.get("weight", &[d, 1, k], DType::F32)?.flatten_all()?.to_vec1()?,
             dw_b: dw.get("bias", &[d], DType::F32)?.to_vec1()?,
-            pw: Linear::load_pointwise(&s.pp("dw_sep_conv_1d").pp("pw_conv"), d, d, dtype)?,
-            ext: Linear::load_pointwise(&s.pp("ext_pw_conv_1d"), d, d, dtype)?,
+            pw: Linear::load_pointwise(&s.pp("dw_sep_conv_1d").pp("pw_conv"), d, d, 3, dtype)?,
+            ext: Linear::load_pointwise(&s.pp("ext_pw_conv_1d"), d, d, 3, dtype)?,
             kernel: k,
             dim: d,
         })
@@ -214,7 +175,7 @@ impl Block {
         let a = s.pp("self_attn");
         Ok(Block {
             ff_in: FeedForward::load(&s.pp("feed_forward_in"), c, dtype)?,
-            norm_att: LayerNorm::load(&s.pp("layer_norm_att"), d, dtype)?,
+            norm_att: LayerNorm::load(&s.pp("layer_norm_att"), d, EPS, dtype)?,
             attn: Attention {
                 q: Linear::load(&a.pp("linear_q"), d, d, dtype)?,
                 k: Linear::load(&a.pp("linear_k"), d, d, dtype)?,
@@ -224,7 +185,7 @@ impl Block {
             },
             conv: ConvModule::load(&s.pp("conv"), c, dtype)?,
             ff_out: FeedForward::load(&s.pp("feed_forward_out"), c, dtype)?,
-            norm: LayerNorm::load(&s.pp("layer_norm"), d, dtype)?,
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, dtype)?,
         })
     }
 
@@ -258,13 +219,7 @@ impl Subsampling {
         let v = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             Ok(s.get(name, shape, DType::F32)?.flatten_all()?.to_vec1()?)
         };
-        let pw = |i: usize| -> Result<Linear> {
-            let p = s.pp(format!("conv.{i}"));
-            Ok(Linear {
-                w: p.get("weight", &[ch, ch, 1, 1], dtype)?.reshape((ch, ch))?,
-                b: p.get("bias", &[ch], dtype)?,
-            })
-        };
+        let pw = |i: usize| Linear::load_pointwise(&s.pp(format!("conv.{i}")), ch, ch, 4, dtype);
         let f_out = N_MELS.div_ceil(8);
         Ok(Subsampling {
             conv0_w: v("conv.0.weight", &[ch, 1, 3, 3])?,

@@ -136,6 +136,13 @@ mod tests {
     }
 
     #[test]
+    fn token_counts_match_spec_examples() {
+        for (n, tokens) in [(160_000, 125), (16_000, 13), (480_000, 375), (720_000, 563)] {
+            assert_eq!(num_frames(n, 16_000).unwrap().div_ceil(8), tokens, "{n} samples");
+        }
+    }
+
+    #[test]
     fn token_counts_and_short_audio() {
         assert_eq!(num_frames(160_000, 16_000).unwrap(), 998);
         assert!(num_frames(399, 16_000).unwrap_err().to_string().contains("too short"));

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::encoder_config::VisionConfig;
 use crate::hub::ModelFiles;
 use crate::image_io::{decode_image, load_image, ImageLimits, RgbImage};
-use crate::image_prep::PreparedImage;
+use crate::image_prep::{Layout, PreparedImage};
 use crate::vision::VisionEncoder;
 use crate::prompt::{self, Mode};
 use crate::sampler::{self, Sampler, SamplingParams, TokenLogprob};
@@ -374,7 +374,7 @@ impl Engine {
             None => {
                 let budget = self.max_context().saturating_sub(other_tokens + req.max_new_tokens);
                 let total = |cap: usize| -> Result<usize> {
-                    decoded.iter().map(|i| prompt::image_token_count(i.width, i.height, cap)).sum()
+                    decoded.iter().map(|i| Ok(Layout::new(i.width, i.height, cap)?.num_tokens)).sum()
                 };
                 let mut cap = self.max_crops;
                 while cap > 1 && total(cap)? > budget {

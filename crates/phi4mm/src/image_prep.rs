@@ -5,7 +5,6 @@
 
 use crate::error::{Error, Result};
 use crate::image_io::RgbImage;
-use crate::prompt::crop_grid;
 
 /// Crop side in pixels.
 pub const CROP: usize = 448;
@@ -27,13 +26,29 @@ pub struct PreparedImage {
     pub num_tokens: usize,
 }
 
-impl PreparedImage {
-    /// Runs the transform with at most `max_crops` crops.
-    pub fn new(img: &RgbImage, max_crops: usize) -> Result<Self> {
-        let (w, h) = (img.width, img.height);
+/// Where an image of a given size lands (spec §4.1, §4.5): crop grid, resized size, canvas size
+/// and token count. Needs only the dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Crop grid (columns, rows).
+    pub grid: (usize, usize),
+    /// Size after resizing, before padding.
+    pub resized: (usize, usize),
+    /// Placeholder tokens: `273 + Uh·(Uw+1)`.
+    pub num_tokens: usize,
+}
+
+impl Layout {
+    /// The layout of a `width × height` image with at most `max_crops` crops.
+    pub fn new(width: usize, height: usize, max_crops: usize) -> Result<Self> {
+        let (w, h) = (width, height);
+        if w == 0 || h == 0 {
+            return Err(Error::Media(format!("image has zero size ({w}×{h})")));
+        }
         let (gw, gh) = crop_grid(w, h, max_crops);
         let (tw, th) = (CROP * gw, CROP * gh);
         let (rw, rh) = (tw as f64 / w as f64, th as f64 / h as f64);
+        // Python's int() of the f64 product: truncation.
         let (nw, nh) = if rw < rh {
             (tw, (h as f64 * rw) as usize)
         } else {
@@ -44,6 +59,53 @@ impl PreparedImage {
                 "image of {w}×{h} would be resized to {nw}×{nh}: under 10 px; too thin to use"
             )));
         }
+        let rows = GRID * gh - (th - nh) / PATCH;
+        let cols = GRID * gw - (tw - nw) / PATCH;
+        let (uh, uw) = (rows.div_ceil(2), cols.div_ceil(2));
+        Ok(Layout { grid: (gw, gh), resized: (nw, nh), num_tokens: 273 + uh * (uw + 1) })
+    }
+}
+
+/// The `(columns, rows)` crop grid of spec §4.1.
+pub fn crop_grid(width: usize, height: usize, max_crops: usize) -> (usize, usize) {
+    let (wc, hc) = (width.div_ceil(CROP), height.div_ceil(CROP));
+    if wc * hc <= max_crops {
+        return (wc, hc);
+    }
+    let mut cands: Vec<(usize, usize)> = Vec::new();
+    for n in 1..=max_crops {
+        for i in 1..=n {
+            if n % i == 0 {
+                cands.push((i, n / i));
+            }
+        }
+    }
+    // Ascending by product; within a product by columns (the reference's set order only
+    // matters in exact ties between different ratios).
+    cands.sort_by_key(|&(i, j)| (i * j, i));
+    let aspect = width as f64 / height as f64;
+    let area = (width * height) as f64;
+    let mut best = (1, 1);
+    let mut best_diff = f64::INFINITY;
+    for (i, j) in cands {
+        let diff = (aspect - i as f64 / j as f64).abs();
+        if diff < best_diff {
+            best_diff = diff;
+            best = (i, j);
+        } else if diff == best_diff && area > 0.5 * (CROP * CROP * i * j) as f64 {
+            best = (i, j);
+        }
+    }
+    best
+}
+
+impl PreparedImage {
+    /// Runs the transform with at most `max_crops` crops.
+    pub fn new(img: &RgbImage, max_crops: usize) -> Result<Self> {
+        let layout = Layout::new(img.width, img.height, max_crops)?;
+        let (gw, gh) = layout.grid;
+        let (tw, th) = (CROP * gw, CROP * gh);
+        let (nw, nh) = layout.resized;
         let resized = resize_bilinear(img, nw, nh);
         let mut canvas = RgbImage { width: tw, height: th, data: vec![255; tw * th * 3] };
         for y in 0..nh {
@@ -60,12 +122,11 @@ impl PreparedImage {
                 }
             }
         }
-        let (uh, uw) = ((mh - pad_rows).div_ceil(2), (mw - pad_cols).div_ceil(2));
         Ok(PreparedImage {
             grid: (gw, gh),
             canvas,
             mask,
-            num_tokens: 273 + uh * (uw + 1),
+            num_tokens: layout.num_tokens,
         })
     }
 
@@ -284,6 +345,23 @@ fn cubic_weights(t: f32) -> [f32; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_counts_match_spec_examples() {
+        for (w, h, n) in [
+            (1280, 720, 1596),
+            (1344, 896, 1841),
+            (448, 448, 545),
+            (500, 300, 721),
+            (640, 480, 1065),
+            (1920, 1080, 3918),
+            (3000, 4000, 3409),
+            (4000, 300, 1868),
+            (8000, 1000, 8497),
+        ] {
+            assert_eq!(Layout::new(w, h, 36).unwrap().num_tokens, n, "{w}x{h}");
+        }
+    }
 
     #[test]
     fn spec_example_1280x720() {

@@ -19,6 +19,7 @@ pub mod image_io;
 pub mod image_prep;
 pub mod kernels;
 pub mod kv_cache;
+pub mod layers;
 pub mod lora;
 pub mod prompt;
 pub mod resample;

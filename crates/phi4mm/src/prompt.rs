@@ -164,77 +164,6 @@ pub fn expand_placeholders(
     Ok(out)
 }
 
-/// Number of feature vectors (placeholder tokens) of an image of `width × height` with at most
-/// `max_crops` crops (spec §4.1 grid choice, §4.5 count): `273 + Uh·(Uw+1)`.
-pub fn image_token_count(width: usize, height: usize, max_crops: usize) -> Result<usize> {
-    if width == 0 || height == 0 {
-        return Err(Error::Media(format!("image has zero size ({width}×{height})")));
-    }
-    let (gw, gh) = crop_grid(width, height, max_crops);
-    let (tw, th) = (448 * gw, 448 * gh);
-    let (rw, rh) = (tw as f64 / width as f64, th as f64 / height as f64);
-    let (new_w, new_h) = if rw < rh {
-        (tw, (height as f64 * rw) as usize)
-    } else {
-        ((width as f64 * rh) as usize, th)
-    };
-    if new_w < 10 || new_h < 10 {
-        return Err(Error::Media(format!(
-            "image of {width}×{height} would be resized to {new_w}×{new_h}, under 10 px"
-        )));
-    }
-    let (pw, ph) = (tw - new_w, th - new_h);
-    let rows = 32 * gh - ph / 14;
-    let cols = 32 * gw - pw / 14;
-    let (uh, uw) = (rows.div_ceil(2), cols.div_ceil(2));
-    Ok(273 + uh * (uw + 1))
-}
-
-/// The `(columns, rows)` crop grid of spec §4.1.
-pub fn crop_grid(width: usize, height: usize, max_crops: usize) -> (usize, usize) {
-    let (wc, hc) = (width.div_ceil(448), height.div_ceil(448));
-    if wc * hc <= max_crops {
-        return (wc, hc);
-    }
-    let mut cands: Vec<(usize, usize)> = Vec::new();
-    for n in 1..=max_crops {
-        for i in 1..=n {
-            if n % i == 0 {
-                cands.push((i, n / i));
-            }
-        }
-    }
-    // Ascending by product; within a product by columns (the reference's set order only
-    // matters in exact ties between different ratios).
-    cands.sort_by_key(|&(i, j)| (i * j, i));
-    let aspect = width as f64 / height as f64;
-    let area = (width * height) as f64;
-    let mut best = (1, 1);
-    let mut best_diff = f64::INFINITY;
-    for (i, j) in cands {
-        let diff = (aspect - i as f64 / j as f64).abs();
-        if diff < best_diff {
-            best_diff = diff;
-            best = (i, j);
-        } else if diff == best_diff && area > 0.5 * 448.0 * 448.0 * (i * j) as f64 {
-            best = (i, j);
-        }
-    }
-    best
-}
-
-/// Number of audio placeholder tokens for `samples` samples at 16 kHz (spec §5.6):
-/// `⌈T/8⌉`, `T = ⌊(n−400)/160⌋+1`.
-pub fn audio_token_count(samples: usize) -> Result<usize> {
-    if samples < 400 {
-        return Err(Error::Media(format!(
-            "audio has {samples} samples at 16 kHz; at least 400 (25 ms) are needed"
-        )));
-    }
-    let frames = (samples - 400) / 160 + 1;
-    Ok(frames.div_ceil(8))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,32 +193,6 @@ mod tests {
             vec![1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 2, AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID]
         );
         assert!(expand_placeholders(&ids, &[2], &[1]).is_err());
-    }
-
-    #[test]
-    fn image_counts_match_spec_examples() {
-        for (w, h, n) in [
-            (1280, 720, 1596),
-            (1344, 896, 1841),
-            (448, 448, 545),
-            (500, 300, 721),
-            (640, 480, 1065),
-            (1920, 1080, 3918),
-            (3000, 4000, 3409),
-            (4000, 300, 1868),
-            (8000, 1000, 8497),
-        ] {
-            assert_eq!(image_token_count(w, h, 36).unwrap(), n, "{w}x{h}");
-        }
-    }
-
-    #[test]
-    fn audio_counts_match_spec_examples() {
-        assert_eq!(audio_token_count(160_000).unwrap(), 125);
-        assert_eq!(audio_token_count(16_000).unwrap(), 13);
-        assert_eq!(audio_token_count(480_000).unwrap(), 375);
-        assert_eq!(audio_token_count(720_000).unwrap(), 563);
-        assert!(audio_token_count(399).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::encoder_config::VisionConfig;
 use crate::error::{Error, Result};
 use crate::image_prep::{PreparedImage, CROP, GRID, PATCH};
 use crate::kernels;
+use crate::layers::{LayerNorm, Linear};
 use crate::weights::{Scope, Weights};
 
 /// Hub prefix of the image encoder.
@@ -17,48 +18,6 @@ pub const PREFIX: &str = "model.embed_tokens_extend.image_embed";
 
 /// Crops sent through the tower at once (bounds the attention score memory).
 const CROPS_PER_BATCH: usize = 4;
-
-/// A linear layer with bias.
-#[derive(Debug, Clone)]
-struct Linear {
-    w: Tensor, // [out, in]
-    b: Tensor, // [out]
-}
-
-impl Linear {
-    fn load(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
-        Ok(Linear {
-            w: s.get("weight", &[out_dim, in_dim], dtype)?,
-            b: s.get("bias", &[out_dim], dtype)?,
-        })
-    }
-
-    /// `[n, in]` → `[n, out]`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(kernels::linear(x, &self.w)?.broadcast_add(&self.b)?)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    w: Tensor,
-    b: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(s: &Scope, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
-        Ok(LayerNorm {
-            w: s.get("weight", &[dim], dtype)?,
-            b: s.get("bias", &[dim], dtype)?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps as f32)?)
-    }
-}
 
 /// One pre-LN SigLIP encoder layer.
 #[derive(Debug, Clone)]

@@ -1,0 +1,55 @@
+//! The two small building blocks both media encoders use: a linear layer with bias (weights in
+//! the checkpoint's `[out, in]` layout, bf16 weights through the CPU kernel) and LayerNorm.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+use crate::kernels;
+use crate::weights::Scope;
+
+/// `y = x·Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub w: Tensor, // [out, in]
+    pub b: Tensor, // [out]
+}
+
+impl Linear {
+    /// `{scope}.weight` `[out, in]` and `{scope}.bias` `[out]`.
+    pub fn load(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
+        Ok(Linear { w: s.get("weight", &[out_dim, in_dim], dtype)?, b: s.get("bias", &[out_dim], dtype)? })
+    }
+
+    /// A kernel-1 convolution (`[out, in, 1]` or `[out, in, 1, 1]`) used as a linear layer.
+    pub fn load_pointwise(s: &Scope, in_dim: usize, out_dim: usize, dims: usize, dtype: DType) -> Result<Self> {
+        let mut shape = vec![out_dim, in_dim];
+        shape.resize(dims, 1);
+        Ok(Linear {
+            w: s.get("weight", &shape, dtype)?.reshape((out_dim, in_dim))?,
+            b: s.get("bias", &[out_dim], dtype)?,
+        })
+    }
+
+    /// `[.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(kernels::linear(x, &self.w)?.broadcast_add(&self.b)?)
+    }
+}
+
+/// LayerNorm with weight and bias over the last axis.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(s: &Scope, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
+        Ok(LayerNorm { w: s.get("weight", &[dim], dtype)?, b: s.get("bias", &[dim], dtype)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps as f32)?)
+    }
+}
