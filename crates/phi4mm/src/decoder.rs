@@ -97,11 +97,14 @@ impl Attention {
         let group = h / kv;
 
         // Query head g·kv… grouped under its KV head: [kv, group·n, d].
-        let q = q.contiguous()?.reshape((kv, group * n, d))?;
+        // Attention in f32 (the cache stays in the activation dtype): the score matrices are
+        // the large tensors, and the CPU backend has no bf16 GEMM.
+        let q = q.contiguous()?.reshape((kv, group * n, d))?.to_dtype(DType::F32)?;
+        let keys = keys.to_dtype(DType::F32)?;
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&keys.t()?)? * scale)?; // [kv, group·n, L]
         let scores = if n > 1 {
-            let mask = causal_mask(start, n, x.device())?.to_dtype(scores.dtype())?;
+            let mask = causal_mask(start, n, x.device())?;
             scores
                 .reshape((kv, group, n, total))?
                 .broadcast_add(&mask)?
@@ -109,9 +112,8 @@ impl Attention {
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(x.dtype())?;
-        let out = probs.matmul(&values.contiguous()?)?; // [kv, group·n, d]
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?; // [kv, group·n, d]
         let out = out.reshape((h, n, d))?.transpose(0, 1)?.reshape((n, h * d))?;
         self.o_proj.forward(&out, adapter)
     }

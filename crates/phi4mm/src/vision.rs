@@ -61,13 +61,17 @@ impl EncoderLayer {
         let q = split(self.q_proj.forward(&flat)?)?;
         let k = split(self.k_proj.forward(&flat)?)?;
         let v = split(self.v_proj.forward(&flat)?)?;
+        // Scores, softmax and the weighted sum in f32: the score matrices are the large
+        // tensors here, and the CPU backend has no bf16 GEMM (it would widen them per call).
+        let f32 = |t: Tensor| t.to_dtype(DType::F32);
+        let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [b, heads, p, p]
         let scores = match mask {
-            Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+            Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?;
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * p, h))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let attn = probs.matmul(&v)?.to_dtype(x.dtype())?.transpose(1, 2)?.reshape((b * p, h))?;
         let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
         let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
         let m = self.fc2.forward(&self.fc1.forward(&flat)?.gelu()?)?; // tanh GELU
