@@ -109,7 +109,10 @@ fn matvec(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) -> Vec<f32> {
     y
 }
 
-/// Prefill path: widen `BLOCK_ROWS` weight rows to f32 and multiply with an f32 GEMM.
+/// Prefill path: widen `BLOCK_ROWS` weight rows at a time to f32 and multiply with an f32
+/// GEMM, blocks split over the threads. (Measured on the full decoder, 128-token prefill:
+/// 20.8 tok/s; widening the whole weight and one threaded GEMM instead: 11.6 tok/s; tiling
+/// `x` into 256-row panels made no difference to the SigLIP encoder.)
 fn blocked_gemm(x: &[f32], n: usize, k: usize, w: &[bf16], out: usize) -> Vec<f32> {
     let blocks: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(BLOCK_ROWS))
         .into_par_iter()
@@ -223,7 +226,7 @@ mod tests {
     #[test]
     fn matches_f32_matmul_on_both_paths() {
         let dev = Device::Cpu;
-        for (n, k, out) in [(1, 100, 37), (3, 64, 129), (9, 300, 70), (130, 77, 200)] {
+        for (n, k, out) in [(1, 100, 37), (3, 64, 129), (9, 300, 70), (130, 77, 200), (600, 40, 70)] {
             let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
             let got: Vec<f32> = linear(&x, &w).unwrap().flatten_all().unwrap().to_vec1().unwrap();

@@ -22,6 +22,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod lora;
 pub mod prompt;
+pub mod request;
 pub mod resample;
 pub mod rope;
 pub mod sampler;
