@@ -112,3 +112,31 @@ pub fn check_greedy_tol(engine: &Engine, case: &str, prepared: &Prepared, exp: &
         .unwrap();
     assert_eq!(c.tokens, greedy, "{case}: greedy tokens");
 }
+
+/// One reference decoder case with media (`cases.json` entry: messages with markers, `images`
+/// from fixtures/images, `audios` from fixtures/audio, `mode`, `file`): expanded ids and mode
+/// exact, last-position logits and every greedy step within `tol`, greedy tokens exact.
+pub fn check_media_case(engine: &Engine, case: &serde_json::Value, dir: &std::path::Path, tol: f32) {
+    use phi4mm::{MediaInput, Message};
+    let name = case["name"].as_str().unwrap();
+    let msgs: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+    let mut req = GenerateRequest::new(PromptInput::Chat(msgs));
+    let files = |key: &str, sub: &str| -> Vec<MediaInput> {
+        case[key]
+            .as_array()
+            .map(|v| v.iter().map(|f| MediaInput::Path(fixtures().join(sub).join(f.as_str().unwrap()))).collect())
+            .unwrap_or_default()
+    };
+    req.images = files("images", "images");
+    req.audios = files("audios", "audio");
+    let prepared = engine.prepare(&req).unwrap();
+    let exp = candle_core::safetensors::load(dir.join(case["file"].as_str().unwrap()), &Device::Cpu).unwrap();
+    assert_eq!(prepared.ids, ids(&exp["input_ids"]), "{name}: expanded input ids");
+    assert_eq!(prepared.mode.as_str(), case["mode"].as_str().unwrap(), "{name}: mode");
+    let dec = engine.decoder();
+    let emb = engine.embed_prompt(&prepared).unwrap();
+    let mut cache = dec.new_cache(prepared.ids.len()).unwrap();
+    let h = dec.forward(&emb, &mut cache, prepared.mode.adapter(), None).unwrap();
+    assert_close(&format!("{name}: logits"), &dec.logits(&h).unwrap(), &f32s(&exp["logits_last"]), tol, tol);
+    check_greedy_tol(engine, name, &prepared, &exp, tol);
+}

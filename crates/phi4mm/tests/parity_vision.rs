@@ -7,7 +7,6 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use phi4mm::engine::Prepared;
 use phi4mm::image_io::{load_image, ImageLimits};
 use phi4mm::image_prep::PreparedImage;
 use phi4mm::{GenerateRequest, MediaInput, Message, PromptInput};
@@ -122,27 +121,8 @@ fn image_prompts_match_reference_logits_and_greedy_tokens() {
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(vision_dir().join("cases.json")).unwrap()).unwrap();
     assert!(cases.len() >= 3);
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let msgs: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
-        let mut req = GenerateRequest::new(PromptInput::Chat(msgs));
-        req.images = case["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| MediaInput::Path(fixtures().join("images").join(f.as_str().unwrap())))
-            .collect();
-        let prepared: Prepared = engine.prepare(&req).unwrap();
-        let exp = vtensors(case["file"].as_str().unwrap());
-        assert_eq!(prepared.ids, ids(&exp["input_ids"]), "{name}: expanded input ids");
-        assert_eq!(prepared.mode, phi4mm::Mode::Vision);
-
-        let dec = engine.decoder();
-        let emb = engine.embed_prompt(&prepared).unwrap();
-        let mut cache = dec.new_cache(prepared.ids.len()).unwrap();
-        let h = dec.forward(&emb, &mut cache, prepared.mode.adapter(), None).unwrap();
-        assert_close(&format!("{name}: logits"), &dec.logits(&h).unwrap(), &f32s(&exp["logits_last"]), 1e-4, 1e-4);
-        check_greedy(&engine, name, &prepared, &exp);
+    for case in &cases {
+        check_media_case(&engine, case, &vision_dir(), 1e-4);
     }
 }
 
