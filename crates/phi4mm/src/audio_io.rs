@@ -178,6 +178,37 @@ mod tests {
         assert_eq!(w.samples, vec![200.0 / 32768.0, 0.0]);
     }
 
+    /// A WAV file with raw little-endian sample bytes.
+    fn wav_raw(format: u16, bits: u16, data: &[u8]) -> Vec<u8> {
+        let mut v = wav(&[], 16000, 1);
+        v[20..22].copy_from_slice(&format.to_le_bytes());
+        v[28..32].copy_from_slice(&(16000 * bits as u32 / 8).to_le_bytes());
+        v[32..34].copy_from_slice(&(bits / 8).to_le_bytes());
+        v[34..36].copy_from_slice(&bits.to_le_bytes());
+        v[40..44].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        v[4..8].copy_from_slice(&(36 + data.len() as u32).to_le_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn eight_24_32_bit_and_float_wav() {
+        let lim = AudioLimits::default();
+        // 8-bit is unsigned with 128 as zero.
+        let w = decode_audio(wav_raw(1, 8, &[128, 192, 0]), &lim).unwrap();
+        assert_eq!(w.samples, vec![0.0, 0.5, -1.0]);
+        // 24-bit: 0x400000 = 0.5.
+        let w = decode_audio(wav_raw(1, 24, &[0, 0, 0x40, 0, 0, 0xC0]), &lim).unwrap();
+        assert_eq!(w.samples, vec![0.5, -0.5]);
+        // 32-bit int: 0x40000000 = 0.5.
+        let w = decode_audio(wav_raw(1, 32, &[0, 0, 0, 0x40, 0, 0, 0, 0xC0]), &lim).unwrap();
+        assert_eq!(w.samples, vec![0.5, -0.5]);
+        // IEEE float 32.
+        let data: Vec<u8> = [0.25f32, -0.75].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let w = decode_audio(wav_raw(3, 32, &data), &lim).unwrap();
+        assert_eq!(w.samples, vec![0.25, -0.75]);
+    }
+
     #[test]
     fn bad_audio_is_a_clear_error() {
         let lim = AudioLimits::default();
