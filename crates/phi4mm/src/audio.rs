@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::audio_features::{LogMel, N_MELS};
 use crate::encoder_config::AudioConfig;
 use crate::error::{Error, Result};
-use crate::layers::{LayerNorm, Linear};
+use crate::layers::{LayerNorm, Linear, Projector as MlpProjector};
 use crate::weights::{Scope, Weights};
 
 /// Hub prefix of the audio encoder.
@@ -330,10 +330,8 @@ pub struct AudioEncoder {
     max_dist: usize,
     heads: usize,
     blocks: Vec<Block>,
-    speech_up: Linear,
-    speech_down: Linear,
-    vision_up: Linear,
-    vision_down: Linear,
+    speech_projection: MlpProjector,
+    vision_projection: MlpProjector,
     dtype: DType,
     device: Device,
 }
@@ -353,7 +351,7 @@ impl AudioEncoder {
         for b in 0..c.num_blocks {
             blocks.push(Block::load(&e.pp("encoders").pp(b), c, dtype)?);
         }
-        let proj = |name: &str, i: &str, in_dim: usize| Linear::load(&s.pp("audio_projection").pp(name).pp(i), in_dim, out, dtype);
+        let proj = |name: &str| MlpProjector::load(&s.pp("audio_projection").pp(name), d, out, dtype);
         Ok(AudioEncoder {
             mean: emb.get("global_mean", &[N_MELS], DType::F32)?.to_vec1()?,
             invstd: emb.get("global_invstd", &[N_MELS], DType::F32)?.to_vec1()?,
@@ -367,10 +365,8 @@ impl AudioEncoder {
             max_dist: c.bias_max_distance,
             heads: c.num_attention_heads,
             blocks,
-            speech_up: proj("speech", "0", d)?,
-            speech_down: proj("speech", "2", out)?,
-            vision_up: proj("vision", "0", d)?,
-            vision_down: proj("vision", "2", out)?,
+            speech_projection: proj("speech")?,
+            vision_projection: proj("vision")?,
             dtype,
             device: device.clone(),
         })
@@ -476,10 +472,9 @@ impl AudioEncoder {
 
     /// Projects encoder output `[n, hidden]` into the decoder width.
     pub fn project(&self, x: &Tensor, which: Projector) -> Result<Tensor> {
-        let (up, down) = match which {
-            Projector::Speech => (&self.speech_up, &self.speech_down),
-            Projector::Vision => (&self.vision_up, &self.vision_down),
-        };
-        down.forward(&up.forward(x)?.gelu_erf()?)
+        match which {
+            Projector::Speech => self.speech_projection.forward(x),
+            Projector::Vision => self.vision_projection.forward(x),
+        }
     }
 }

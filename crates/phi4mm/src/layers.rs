@@ -1,5 +1,6 @@
-//! The two small building blocks both media encoders use: a linear layer with bias (weights in
-//! the checkpoint's `[out, in]` layout, bf16 weights through the CPU kernel) and LayerNorm.
+//! The small building blocks both media encoders use: a linear layer with bias (weights in the
+//! checkpoint's `[out, in]` layout, bf16 weights through the CPU kernel), LayerNorm, and the
+//! two-layer GELU projector that maps encoder features into the decoder's width.
 
 use candle_core::{DType, Tensor};
 
@@ -51,5 +52,27 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(x, &self.w, &self.b, self.eps as f32)?)
+    }
+}
+
+/// `Linear(in → out) → GELU (exact erf) → Linear(out → out)`, stored as `{scope}.0` and
+/// `{scope}.2` (a PyTorch Sequential whose `.1` is the GELU).
+#[derive(Debug, Clone)]
+pub struct Projector {
+    up: Linear,
+    down: Linear,
+}
+
+impl Projector {
+    pub fn load(s: &Scope, in_dim: usize, out_dim: usize, dtype: DType) -> Result<Self> {
+        Ok(Projector {
+            up: Linear::load(&s.pp("0"), in_dim, out_dim, dtype)?,
+            down: Linear::load(&s.pp("2"), out_dim, out_dim, dtype)?,
+        })
+    }
+
+    /// `[.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down.forward(&self.up.forward(x)?.gelu_erf()?)
     }
 }

@@ -10,7 +10,7 @@ use crate::encoder_config::VisionConfig;
 use crate::error::{Error, Result};
 use crate::image_prep::{PreparedImage, CROP, GRID, PATCH};
 use crate::kernels;
-use crate::layers::{LayerNorm, Linear};
+use crate::layers::{LayerNorm, Linear, Projector};
 use crate::weights::{Scope, Weights};
 
 /// Hub prefix of the image encoder.
@@ -88,8 +88,7 @@ pub struct VisionEncoder {
     layers: Vec<EncoderLayer>,
     glb_gn: Tensor, // [hidden]
     sub_gn: Tensor, // [hidden]
-    proj_up: Linear,
-    proj_down: Linear,
+    img_projection: Projector,
     hidden: usize,
     dtype: DType,
     device: Device,
@@ -129,8 +128,7 @@ impl VisionEncoder {
             layers,
             glb_gn: s.get("glb_GN", &[1, 1, h], dtype)?.flatten_all()?,
             sub_gn: s.get("sub_GN", &[1, 1, 1, h], dtype)?.flatten_all()?,
-            proj_up: Linear::load(&s.pp("img_projection").pp("0"), h, out, dtype)?,
-            proj_down: Linear::load(&s.pp("img_projection").pp("2"), out, out, dtype)?,
+            img_projection: Projector::load(&s.pp("img_projection"), h, out, dtype)?,
             hidden: h,
             dtype,
             device: device.clone(),
@@ -225,7 +223,7 @@ impl VisionEncoder {
     /// The projected features of `img`: `[num_tokens, decoder hidden]`.
     pub fn encode(&self, img: &PreparedImage) -> Result<Tensor> {
         let seq = self.assemble(img, &self.tower(img)?)?;
-        let out = self.proj_down.forward(&self.proj_up.forward(&seq)?.gelu_erf()?)?;
+        let out = self.img_projection.forward(&seq)?;
         if out.dim(0)? != img.num_tokens {
             return Err(Error::Media(format!(
                 "image features have {} rows but the prompt reserved {}",
