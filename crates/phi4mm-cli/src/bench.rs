@@ -129,7 +129,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "model": engine.model_dir().display().to_string(),
         "device": a.model.device,
         "dtype": a.model.dtype,
-        "format": a.model.dtype,
+        "format": engine.format(),
+        "decoder_gib": engine.decoder_bytes().0 as f64 / (1u64 << 30) as f64,
         "threads": candle_threads(),
         "prompt_tokens": a.prompt_tokens,
         "gen_tokens": c.as_ref().map(|c| c.tokens.len()),
@@ -143,7 +144,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!("model       {}", engine.model_dir().display());
-        println!("device      {}  dtype {}  threads {}", a.model.device, a.model.dtype, candle_threads());
+        println!(
+            "device      {}  dtype {}  weights {} ({:.2} GiB)  threads {}",
+            a.model.device,
+            a.model.dtype,
+            engine.format(),
+            engine.decoder_bytes().0 as f64 / (1u64 << 30) as f64,
+            candle_threads()
+        );
         println!("load        {load_s:.2} s");
         if let Some(c) = &c {
             println!("prefill     {:>8.2} tok/s  ({} tokens)", c.timings.prefill_tok_s, a.prompt_tokens);

@@ -22,6 +22,10 @@ pub struct ModelArgs {
     /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Quantise the decoder's weights at load: none (as stored), q8_0 or q4_0 (CPU only).
+    /// A checkpoint written by `phi4mm quantize` loads in its own format without this.
+    #[arg(long, default_value = "none")]
+    pub quant: String,
 }
 
 impl ModelArgs {
@@ -68,6 +72,7 @@ impl ModelArgs {
         let opts = LoadOptions {
             dtype: self.dtype()?,
             device: self.device()?,
+            quant: phi4mm::quant::QType::parse(&self.quant)?,
             progress: Some(Box::new(move |done, total| {
                 b.set_length(total);
                 b.set_position(done);

@@ -1,11 +1,13 @@
 //! `phi4mm`: run Phi-4-multimodal-instruct from the command line.
 //!
-//! `run` answers one prompt, `chat` keeps a conversation, `bench` measures speed. Arguments are
+//! `run` answers one prompt, `chat` keeps a conversation, `bench` measures speed, `quantize`
+//! writes a quantised copy of a checkpoint. Arguments are
 //! validated here into library requests; everything else happens in the `phi4mm` crate.
 
 mod bench;
 mod chat;
 mod common;
+mod quantize;
 mod run;
 mod transcribe;
 
@@ -31,6 +33,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Transcribe (and optionally translate) an audio file.
     Transcribe(transcribe::TranscribeArgs),
+    /// Write a copy of a checkpoint with quantised decoder weights (q8_0, q4_0).
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() {
@@ -51,6 +55,7 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Transcribe(a) => transcribe::run(a),
+        Command::Quantize(a) => quantize::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

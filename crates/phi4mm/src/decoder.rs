@@ -9,8 +9,10 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kernels::Matrix;
 use crate::kv_cache::KvCache;
 use crate::lora::{Adapter, LoraLinear};
+use crate::quant::QType;
 use crate::rope::{self, Rope};
 use crate::weights::{Scope, Weights};
 
@@ -55,13 +57,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(s: &Scope, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
+    fn load(s: &Scope, cfg: &ModelConfig, dtype: DType, quant: Option<QType>) -> Result<Self> {
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
         let hidden = cfg.hidden_size;
         let loras = lora_set(cfg);
         Ok(Attention {
-            qkv_proj: LoraLinear::load(&s.pp("qkv_proj"), hidden, (h + 2 * kv) * d, loras, dtype)?,
-            o_proj: LoraLinear::load(&s.pp("o_proj"), h * d, hidden, loras, dtype)?,
+            qkv_proj: LoraLinear::load(&s.pp("qkv_proj"), hidden, (h + 2 * kv) * d, loras, dtype, quant)?,
+            o_proj: LoraLinear::load(&s.pp("o_proj"), h * d, hidden, loras, dtype, quant)?,
             heads: h,
             kv_heads: kv,
             head_dim: d,
@@ -140,12 +142,12 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(s: &Scope, cfg: &ModelConfig, dtype: DType) -> Result<Self> {
+    fn load(s: &Scope, cfg: &ModelConfig, dtype: DType, quant: Option<QType>) -> Result<Self> {
         let (hid, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let loras = lora_set(cfg);
         Ok(Mlp {
-            gate_up_proj: LoraLinear::load(&s.pp("gate_up_proj"), hid, 2 * inter, loras, dtype)?,
-            down_proj: LoraLinear::load(&s.pp("down_proj"), inter, hid, loras, dtype)?,
+            gate_up_proj: LoraLinear::load(&s.pp("gate_up_proj"), hid, 2 * inter, loras, dtype, quant)?,
+            down_proj: LoraLinear::load(&s.pp("down_proj"), inter, hid, loras, dtype, quant)?,
             inter,
         })
     }
@@ -178,10 +180,10 @@ fn lora_set(cfg: &ModelConfig) -> [(Adapter, Option<&crate::config::LoraConfig>)
 /// The whole decoder.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    embed_tokens: Tensor, // [vocab, hidden]
+    embed_tokens: Matrix, // [vocab, hidden]
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Option<Tensor>, // None: tied to embed_tokens
+    lm_head: Option<Matrix>, // None: tied to embed_tokens
     rope: Rope,
     kv_heads: usize,
     head_dim: usize,
@@ -195,31 +197,33 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Loads `model.*` from the checkpoint in `dtype`.
-    pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads `model.*` from the checkpoint in `dtype`, the projections quantised to `quant`
+    /// (the tied embedding / LM head to Q8_0, as llama.cpp keeps the output matrix at 6–8 bits).
+    pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device, quant: Option<QType>) -> Result<Self> {
         let m = w.root().pp("model");
         let (hid, vocab, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
-        let embed_tokens = m.pp("embed_tokens").get("weight", &[vocab, hid], dtype)?;
+        let head_quant = quant.map(|_| QType::Q8_0);
+        let embed_tokens = m.pp("embed_tokens").matrix("weight", vocab, hid, dtype, head_quant)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
             layers.push(Layer {
                 input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), hid, eps, dtype)?,
-                self_attn: Attention::load(&l.pp("self_attn"), cfg, dtype)?,
+                self_attn: Attention::load(&l.pp("self_attn"), cfg, dtype, quant)?,
                 post_attention_layernorm: RmsNorm::load(
                     &l.pp("post_attention_layernorm"),
                     hid,
                     eps,
                     dtype,
                 )?,
-                mlp: Mlp::load(&l.pp("mlp"), cfg, dtype)?,
+                mlp: Mlp::load(&l.pp("mlp"), cfg, dtype, quant)?,
             });
         }
         let norm = RmsNorm::load(&m.pp("norm"), hid, eps, dtype)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(w.root().pp("lm_head").get("weight", &[vocab, hid], dtype)?)
+            Some(w.root().pp("lm_head").matrix("weight", vocab, hid, dtype, head_quant)?)
         };
         Ok(Decoder {
             embed_tokens,
@@ -258,6 +262,28 @@ impl Decoder {
         self.dtype
     }
 
+    /// The weight format of the projections (`bf16`, `q4_0`, …).
+    pub fn format(&self) -> String {
+        match self.layers.first().map(|l| l.mlp.down_proj.format()) {
+            Some(f) => f,
+            None => format!("{:?}", self.dtype).to_lowercase(),
+        }
+    }
+
+    /// Bytes of the decoder's weights: (projections + embedding/head + norms, LoRA adapters).
+    pub fn nbytes(&self) -> (usize, usize) {
+        let mut base = self.embed_tokens.nbytes() + self.lm_head.as_ref().map_or(0, Matrix::nbytes);
+        let mut lora = 0;
+        for l in &self.layers {
+            for p in [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj] {
+                let (b, a) = p.nbytes();
+                base += b;
+                lora += a;
+            }
+        }
+        (base, lora)
+    }
+
     /// Whether every layer carries `adapter`.
     pub fn has_adapter(&self, adapter: Adapter) -> bool {
         self.layers.iter().all(|l| {
@@ -276,8 +302,20 @@ impl Decoder {
                 self.vocab
             )));
         }
-        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        Ok(self.embed_tokens.index_select(&ids, 0)?)
+        match &self.embed_tokens {
+            Matrix::Dense(t) => {
+                let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+                Ok(t.index_select(&ids, 0)?)
+            }
+            Matrix::Quant(q) => {
+                let h = self.hidden;
+                let mut out = vec![0f32; ids.len() * h];
+                for (&id, row) in ids.iter().zip(out.chunks_mut(h)) {
+                    q.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), h), &self.device)?.to_dtype(self.dtype)?)
+            }
+        }
     }
 
     /// An empty KV cache with room for `capacity` positions.
@@ -390,7 +428,7 @@ impl Decoder {
     /// Logits `[vocab]` (f32) of a final hidden state `[1, hidden]`.
     pub fn logits(&self, h: &Tensor) -> Result<Vec<f32>> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let l = crate::kernels::linear(h, head)?; // [1, vocab]
+        let l = head.forward(h)?; // [1, vocab]
         Ok(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
 }

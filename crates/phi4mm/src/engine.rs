@@ -23,6 +23,7 @@ use crate::image_io::{decode_image, load_image, ImageLimits, RgbImage};
 use crate::image_prep::{Layout, PreparedImage};
 use crate::vision::VisionEncoder;
 use crate::prompt::{self, Mode};
+use crate::quant::QType;
 use crate::sampler::{self, Sampler};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{ProgressFn, Weights};
@@ -42,6 +43,9 @@ const CACHE_STEP: usize = 512;
 pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
+    /// Quantise the decoder's projections to this format at load (CPU only). A checkpoint
+    /// written by `phi4mm quantize` is used in its own format whatever this says.
+    pub quant: Option<QType>,
     /// Called with (bytes loaded, total bytes).
     pub progress: Option<ProgressFn>,
 }
@@ -51,6 +55,7 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: DType::BF16,
             device: Device::Cpu,
+            quant: None,
             progress: None,
         }
     }
@@ -79,6 +84,16 @@ pub const MAX_IMAGES: usize = 64;
 
 impl Engine {
     /// Loads the model in `dir` (see [`crate::hub::resolve_model`] for hub ids).
+    /// The decoder's weight format (`bf16`, `q8_0`, `q4_0`, …).
+    pub fn format(&self) -> String {
+        self.decoder.format()
+    }
+
+    /// Bytes of the decoder's weights: (base incl. embedding and norms, LoRA adapters).
+    pub fn decoder_bytes(&self) -> (usize, usize) {
+        self.decoder.nbytes()
+    }
+
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
         let files = ModelFiles::locate(dir)?;
         let config = ModelConfig::from_file(&files.config)?;
@@ -92,7 +107,18 @@ impl Engine {
         if let Some(p) = opts.progress {
             weights = weights.with_progress(p);
         }
-        let decoder = Decoder::load(&config, &weights, opts.dtype, &opts.device)?;
+        if let (Some(file), Some(q)) = (weights.file_quant(), opts.quant) {
+            if file != q.name() {
+                return Err(Error::Request(format!(
+                    "this checkpoint is already quantised to {file}; load it without --quant or quantise the original to {}",
+                    q.name()
+                )));
+            }
+        }
+        if (opts.quant.is_some() || weights.file_quant().is_some()) && !opts.device.is_cpu() {
+            return Err(Error::Request("quantised weight formats run on the CPU only; use --device cpu or no --quant".into()));
+        }
+        let decoder = Decoder::load(&config, &weights, opts.dtype, &opts.device, opts.quant)?;
         let vision = if VisionEncoder::present(&weights) {
             Some(VisionEncoder::load(&weights, &vision_cfg, config.hidden_size, opts.dtype, &opts.device)?)
         } else {

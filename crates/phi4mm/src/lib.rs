@@ -22,6 +22,8 @@ pub mod kv_cache;
 pub mod layers;
 pub mod lora;
 pub mod prompt;
+pub mod quant;
+pub mod quant_file;
 pub mod request;
 pub mod resample;
 pub mod rope;

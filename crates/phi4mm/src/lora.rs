@@ -1,12 +1,16 @@
 //! The one linear type every decoder projection goes through: a base weight plus the two
 //! unmerged LoRA adapters of the checkpoint (spec §3). The adapter is chosen per call, so one
 //! loaded model serves text, vision and speech requests: `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ`, `s = α/r`.
+//!
+//! With a quantised base weight the adapters are quantised too, always to Q8_0 (their two thin
+//! products are a small part of the work, and Q8_0 keeps their error well below the base's).
 
 use candle_core::{DType, Tensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::kernels::Matrix;
+use crate::quant::QType;
 use crate::weights::Scope;
 
 /// Which LoRA adapter is active for a request (none for text-only requests).
@@ -29,15 +33,15 @@ impl Adapter {
 /// One adapter's low-rank pair.
 #[derive(Debug, Clone)]
 struct LoraPair {
-    a: Tensor, // [r, in]
-    b: Tensor, // [out, r]
+    a: Matrix, // [r, in]
+    b: Matrix, // [out, r]
     scale: f64,
 }
 
 /// A bias-free linear with optional vision and speech adapters.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    base: Tensor, // [out, in]
+    base: Matrix, // [out, in]
     vision: Option<LoraPair>,
     speech: Option<LoraPair>,
 }
@@ -51,6 +55,7 @@ impl LoraLinear {
         out_dim: usize,
         loras: [(Adapter, Option<&LoraConfig>); 2],
         dtype: DType,
+        quant: Option<QType>,
     ) -> Result<Self> {
         // The hub layout wraps the base weight (`base_layer`); a plain `weight` is accepted too.
         let base_name = if !s.contains("base_layer.weight") && s.contains("weight") {
@@ -58,7 +63,8 @@ impl LoraLinear {
         } else {
             "base_layer.weight"
         };
-        let base = s.get(base_name, &[out_dim, in_dim], dtype)?;
+        let base = s.matrix(base_name, out_dim, in_dim, dtype, quant)?;
+        let lora_quant = quant.map(|_| QType::Q8_0);
         let mut out = LoraLinear {
             base,
             vision: None,
@@ -68,8 +74,8 @@ impl LoraLinear {
             let Some(cfg) = cfg else { continue };
             let n = adapter.name();
             let pair = LoraPair {
-                a: s.get(&format!("lora_A.{n}.weight"), &[cfg.r, in_dim], dtype)?,
-                b: s.get(&format!("lora_B.{n}.weight"), &[out_dim, cfg.r], dtype)?,
+                a: s.matrix(&format!("lora_A.{n}.weight"), cfg.r, in_dim, dtype, lora_quant)?,
+                b: s.matrix(&format!("lora_B.{n}.weight"), out_dim, cfg.r, dtype, lora_quant)?,
                 scale: cfg.scale(),
             };
             match adapter {
@@ -78,6 +84,17 @@ impl LoraLinear {
             }
         }
         Ok(out)
+    }
+
+    /// Bytes of the base weight and of each adapter.
+    pub fn nbytes(&self) -> (usize, usize) {
+        let lora = [&self.vision, &self.speech].iter().filter_map(|p| p.as_ref()).map(|p| p.a.nbytes() + p.b.nbytes()).sum();
+        (self.base.nbytes(), lora)
+    }
+
+    /// The base weight's format (`bf16`, `q4_0`, …).
+    pub fn format(&self) -> String {
+        self.base.format()
     }
 
     /// Whether this layer holds `adapter`.
@@ -90,7 +107,7 @@ impl LoraLinear {
 
     /// `x` `[n, in]` → `[n, out]` with the base weight and, if given, the adapter.
     pub fn forward(&self, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
-        let y = kernels::linear(x, &self.base)?;
+        let y = self.base.forward(x)?;
         let pair = match adapter {
             None => return Ok(y),
             Some(Adapter::Vision) => self.vision.as_ref(),
@@ -102,8 +119,8 @@ impl LoraLinear {
                 adapter.map_or("", Adapter::name)
             ))
         })?;
-        let low = kernels::linear(x, &pair.a)?; // [n, r]
-        let delta = (kernels::linear(&low, &pair.b)? * pair.scale)?;
+        let low = pair.a.forward(x)?; // [n, r]
+        let delta = (pair.b.forward(&low)? * pair.scale)?;
         Ok((y + delta)?)
     }
 }

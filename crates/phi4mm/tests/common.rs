@@ -22,7 +22,7 @@ pub fn expected(name: &str) -> PathBuf {
 }
 
 pub fn load_tiny(dtype: DType) -> Engine {
-    Engine::load(&tiny(), LoadOptions { dtype, device: Device::Cpu, progress: None })
+    Engine::load(&tiny(), LoadOptions { dtype, device: Device::Cpu, progress: None, ..Default::default() })
         .unwrap_or_else(|e| panic!("loading the tiny checkpoint: {e}"))
 }
 

@@ -20,7 +20,7 @@ fn copy_tiny() -> tempfile::TempDir {
 }
 
 fn load(dir: &Path) -> Result<Engine, Error> {
-    Engine::load(dir, LoadOptions { dtype: DType::F32, device: Device::Cpu, progress: None })
+    Engine::load(dir, LoadOptions { dtype: DType::F32, device: Device::Cpu, progress: None, ..Default::default() })
 }
 
 fn load_err(dir: &Path) -> String {

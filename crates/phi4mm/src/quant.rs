@@ -1,0 +1,434 @@
+//! Block-quantised weight matrices: Q8_0 and Q4_0, the block formats of GGML (32 weights per
+//! block sharing one f16 scale `d`), made from bf16/f32 weights at load or read from a file
+//! written by `phi4mm quantize`.
+//!
+//! * Q8_0: `w = d·q`, `q` int8, `d = max|w| / 127`, `q = round(w / d)` — 8.5 bits per weight.
+//! * Q4_0: `w = d·(q − 8)`, `q` in 0..=15, `d = m / −8` where `m` is the weight of largest
+//!   magnitude (sign kept), `q = min(15, trunc(w/d + 8.5))` — 4.5 bits per weight.
+//!
+//! Storage differs from GGML's interleaved blocks: a matrix keeps its quants and its scales in
+//! two arrays (`qs` `[rows, row_bytes]`, `d` `[rows, cols/32]` f16), so kernels stream each
+//! with plain vector loads. Q4_0 packs pairs of blocks into 32 bytes: byte `i` holds weight `i`
+//! of the first block in its low nibble and weight `i` of the second in its high nibble (one
+//! AND and one shift unpack two whole blocks); an odd final block packs weight `i` low and
+//! `i + 16` high, as GGML does.
+
+use std::sync::Arc;
+
+use half::f16;
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Weights per block.
+pub const BLOCK: usize = 32;
+
+/// A block quantisation format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QType {
+    Q8_0,
+    Q4_0,
+}
+
+impl QType {
+    /// Parses `q8_0` / `q4_0` (case-insensitive); `none`, `bf16` and the empty string mean
+    /// "not quantised".
+    pub fn parse(s: &str) -> Result<Option<QType>> {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "none" | "bf16" => Ok(None),
+            "q8_0" | "q8" => Ok(Some(QType::Q8_0)),
+            "q4_0" | "q4" => Ok(Some(QType::Q4_0)),
+            other => Err(Error::Request(format!(
+                "unknown weight format `{other}` (use none, q8_0 or q4_0)"
+            ))),
+        }
+    }
+
+    /// The format's name (`q8_0`, `q4_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::Q8_0 => "q8_0",
+            QType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes of quants in one row of `cols` weights.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            QType::Q8_0 => cols,
+            QType::Q4_0 => cols / 2,
+        }
+    }
+}
+
+/// Bytes owned by the matrix, or a range of a mapped quantised checkpoint.
+#[derive(Debug)]
+pub enum Bytes {
+    Owned(Vec<u8>),
+    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+}
+
+impl Bytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
+        }
+    }
+}
+
+/// A quantised `[rows, cols]` matrix (`cols` a multiple of 32).
+#[derive(Debug)]
+pub struct QMatrix {
+    qtype: QType,
+    rows: usize,
+    cols: usize,
+    qs: Bytes,
+    d: Scales,
+}
+
+/// f16 scales: owned, or mapped (2-byte aligned, little-endian).
+#[derive(Debug)]
+enum Scales {
+    Owned(Vec<f16>),
+    Mapped(Bytes),
+}
+
+impl QMatrix {
+    /// Wraps quants and scales, checking their sizes and the scales' alignment.
+    pub fn from_parts(qtype: QType, rows: usize, cols: usize, qs: Bytes, d: Bytes) -> Result<Self> {
+        let bad = |m: String| Error::Request(format!("{} matrix [{rows}, {cols}]: {m}", qtype.name()));
+        if cols % BLOCK != 0 {
+            return Err(bad(format!("width must be a multiple of {BLOCK}")));
+        }
+        if qs.as_slice().len() != rows * qtype.row_bytes(cols) {
+            return Err(bad(format!("{} bytes of quants, expected {}", qs.as_slice().len(), rows * qtype.row_bytes(cols))));
+        }
+        if d.as_slice().len() != rows * (cols / BLOCK) * 2 {
+            return Err(bad(format!("{} bytes of scales, expected {}", d.as_slice().len(), rows * cols / BLOCK * 2)));
+        }
+        // Scales are read as `&[f16]`: mapped ones in place when 2-byte aligned, else copied.
+        let d = match d {
+            Bytes::Mapped { .. } if d.as_slice().as_ptr().align_offset(2) == 0 => Scales::Mapped(d),
+            d => Scales::Owned(
+                d.as_slice().chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect(),
+            ),
+        };
+        Ok(QMatrix { qtype, rows, cols, qs, d })
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.qtype
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Blocks per row.
+    pub fn blocks(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    /// All quants, row after row.
+    pub fn qs(&self) -> &[u8] {
+        self.qs.as_slice()
+    }
+
+    /// All scales `[rows, blocks]`.
+    pub fn scales(&self) -> &[f16] {
+        match &self.d {
+            Scales::Owned(v) => v,
+            Scales::Mapped(b) => {
+                let b = b.as_slice();
+                // SAFETY: alignment to 2 was checked in `from_parts`, the host is little-endian
+                // (x86_64/aarch64), f16 has no invalid bit patterns, and the length is
+                // b.len() / 2 elements of 2 bytes.
+                unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<f16>(), b.len() / 2) }
+            }
+        }
+    }
+
+    /// The scales as little-endian bytes (for writing a quantised checkpoint).
+    pub fn scale_bytes(&self) -> Vec<u8> {
+        self.scales().iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// Quants and scales of row `r`.
+    pub fn row(&self, r: usize) -> (&[u8], &[f16]) {
+        let rb = self.qtype.row_bytes(self.cols);
+        let nb = self.blocks();
+        (&self.qs()[r * rb..(r + 1) * rb], &self.scales()[r * nb..(r + 1) * nb])
+    }
+
+    /// Bytes held (quants + scales).
+    pub fn nbytes(&self) -> usize {
+        self.qs.as_slice().len() + self.scales().len() * 2
+    }
+
+    /// Quantises `w` `[rows, cols]` (rows in parallel).
+    pub fn quantize(qtype: QType, w: &[f32], rows: usize, cols: usize) -> Result<Self> {
+        if cols % BLOCK != 0 || w.len() != rows * cols {
+            return Err(Error::Request(format!(
+                "cannot quantise a [{rows}, {cols}] matrix from {} values: the width must be a multiple of {BLOCK}",
+                w.len()
+            )));
+        }
+        let rb = qtype.row_bytes(cols);
+        let nb = cols / BLOCK;
+        let mut qs = vec![0u8; rows * rb];
+        let mut d = vec![f16::ZERO; rows * nb];
+        qs.par_chunks_mut(rb.max(1))
+            .zip(d.par_chunks_mut(nb.max(1)))
+            .zip(w.par_chunks(cols.max(1)))
+            .for_each(|((q, d), x)| quantize_row(qtype, x, q, d));
+        Ok(QMatrix { qtype, rows, cols, qs: Bytes::Owned(qs), d: Scales::Owned(d) })
+    }
+
+    /// Quantises a `[rows, cols]` matrix whose row `r` `fill(r, buf)` writes as f32 (rows in
+    /// parallel, one row of f32 per task: a bf16 checkpoint is never widened whole).
+    pub fn quantize_rows(
+        qtype: QType,
+        rows: usize,
+        cols: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Result<Self> {
+        if cols % BLOCK != 0 || cols == 0 {
+            return Err(Error::Request(format!(
+                "cannot quantise a [{rows}, {cols}] matrix: the width must be a multiple of {BLOCK}"
+            )));
+        }
+        let rb = qtype.row_bytes(cols);
+        let nb = cols / BLOCK;
+        let mut qs = vec![0u8; rows * rb];
+        let mut d = vec![f16::ZERO; rows * nb];
+        qs.par_chunks_mut(rb)
+            .zip(d.par_chunks_mut(nb))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; cols],
+                |buf, (r, (q, d))| {
+                    fill(r, buf);
+                    quantize_row(qtype, buf, q, d);
+                },
+            );
+        Ok(QMatrix { qtype, rows, cols, qs: Bytes::Owned(qs), d: Scales::Owned(d) })
+    }
+
+    /// Row `r` as f32 into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (q, d) = self.row(r);
+        dequantize_row(self.qtype, q, d, out);
+    }
+}
+
+/// Quantises one row `x` into quants `q` and scales `d`.
+pub fn quantize_row(qtype: QType, x: &[f32], q: &mut [u8], d: &mut [f16]) {
+    let nb = x.len() / BLOCK;
+    match qtype {
+        QType::Q8_0 => {
+            for b in 0..nb {
+                let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = amax / 127.0;
+                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                d[b] = f16::from_f32(scale);
+                for (o, v) in q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
+                    *o = ((v * inv).round() as i8) as u8;
+                }
+            }
+        }
+        QType::Q4_0 => {
+            let mut vals = [[0u8; BLOCK]; 2];
+            let mut b = 0;
+            while b < nb {
+                let pair = (b + 1 < nb) as usize + 1;
+                for (k, v) in vals.iter_mut().enumerate().take(pair) {
+                    d[b + k] = quantize_block_q4(&x[(b + k) * BLOCK..(b + k + 1) * BLOCK], v);
+                }
+                let out = &mut q[b * BLOCK / 2..];
+                if pair == 2 {
+                    for i in 0..BLOCK {
+                        out[i] = vals[0][i] | (vals[1][i] << 4);
+                    }
+                } else {
+                    for i in 0..BLOCK / 2 {
+                        out[i] = vals[0][i] | (vals[0][i + BLOCK / 2] << 4);
+                    }
+                }
+                b += pair;
+            }
+        }
+    }
+}
+
+/// One Q4_0 block: unsigned quants (0..=15) into `q`, returns the scale.
+fn quantize_block_q4(x: &[f32], q: &mut [u8; BLOCK]) -> f16 {
+    let mut m = 0f32;
+    for &v in x {
+        if v.abs() > m.abs() {
+            m = v;
+        }
+    }
+    let scale = m / -8.0;
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = ((v * inv + 8.5) as i32).clamp(0, 15) as u8;
+    }
+    f16::from_f32(scale)
+}
+
+/// The signed quants of block `b` of a row (Q4_0: `q − 8`).
+#[inline]
+pub fn unpack_block(qtype: QType, q: &[u8], b: usize, nb: usize, out: &mut [i8; BLOCK]) {
+    match qtype {
+        QType::Q8_0 => {
+            for (o, &v) in out.iter_mut().zip(&q[b * BLOCK..(b + 1) * BLOCK]) {
+                *o = v as i8;
+            }
+        }
+        QType::Q4_0 => {
+            let first = b & !1;
+            let bytes = &q[first * BLOCK / 2..];
+            if first + 1 < nb {
+                let shift = if b == first { 0 } else { 4 };
+                for i in 0..BLOCK {
+                    out[i] = ((bytes[i] >> shift) & 0x0F) as i8 - 8;
+                }
+            } else {
+                for i in 0..BLOCK / 2 {
+                    out[i] = (bytes[i] & 0x0F) as i8 - 8;
+                    out[i + BLOCK / 2] = (bytes[i] >> 4) as i8 - 8;
+                }
+            }
+        }
+    }
+}
+
+/// Row quants + scales → f32 values.
+pub fn dequantize_row(qtype: QType, q: &[u8], d: &[f16], out: &mut [f32]) {
+    let nb = d.len();
+    let mut vals = [0i8; BLOCK];
+    for b in 0..nb {
+        unpack_block(qtype, q, b, nb, &mut vals);
+        let s = d[b].to_f32();
+        for (o, &v) in out[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(&vals) {
+            *o = s * v as f32;
+        }
+    }
+}
+
+/// Activations quantised to int8 per block of 32 (the Q8_0 rule, f32 scales), with each
+/// block's `d·Σq` for the kernels that work on unsigned weights.
+#[derive(Debug, Default)]
+pub struct QActs {
+    pub q: Vec<i8>,   // [n, k]
+    pub d: Vec<f32>,  // [n, k/32]
+    pub ds: Vec<f32>, // [n, k/32] d·Σq
+}
+
+impl QActs {
+    /// Quantises `n` rows of `x` `[n, k]`.
+    pub fn quantize(&mut self, x: &[f32], k: usize) {
+        let nb = k / BLOCK;
+        let blocks = x.len() / BLOCK;
+        self.q.resize(x.len(), 0);
+        self.d.resize(blocks, 0.0);
+        self.ds.resize(blocks, 0.0);
+        debug_assert_eq!(blocks % nb.max(1), 0);
+        for b in 0..blocks {
+            let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (o, v) in self.q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
+                let q = (v * inv).round() as i8;
+                sum += q as i32;
+                *o = q;
+            }
+            self.d[b] = scale;
+            self.ds[b] = scale * sum as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+            })
+            .collect()
+    }
+
+    #[test]
+    fn blocks_round_trip_exactly() -> Result<()> {
+        for qtype in [QType::Q8_0, QType::Q4_0] {
+            for cols in [32, 64, 96, 3072] {
+                let rows = 5;
+                let w = sample(rows * cols, cols as u64);
+                let m = QMatrix::quantize(qtype, &w, rows, cols)?;
+                let mut deq = vec![0f32; rows * cols];
+                for r in 0..rows {
+                    m.dequantize_row(r, &mut deq[r * cols..(r + 1) * cols]);
+                }
+                let again = QMatrix::quantize(qtype, &deq, rows, cols)?;
+                assert_eq!(m.qs(), again.qs(), "{qtype:?} cols={cols}: quants");
+                assert_eq!(m.scale_bytes(), again.scale_bytes(), "{qtype:?} cols={cols}: scales");
+                // Error bounded by half a step (Q4_0: a whole step at the end of the range
+                // opposite the largest weight, which GGML clamps from 16 to 15).
+                for (b, (x, y)) in w.chunks(BLOCK).zip(deq.chunks(BLOCK)).enumerate() {
+                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let step = match qtype {
+                        QType::Q8_0 => amax / 127.0,
+                        QType::Q4_0 => amax / 4.0,
+                    };
+                    for (a, c) in x.iter().zip(y) {
+                        assert!((a - c).abs() <= 0.5 * step + 2e-3 * amax, "{qtype:?} block {b}: {a} vs {c}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn known_blocks() -> Result<()> {
+        // 0, 1, .., 31 scaled: Q8_0 maps the largest to 127.
+        let x: Vec<f32> = (0..32).map(|i| i as f32).collect();
+        let m = QMatrix::quantize(QType::Q8_0, &x, 1, 32)?;
+        assert_eq!(m.qs()[31] as i8, 127);
+        assert_eq!(m.qs()[0], 0);
+        assert_eq!(m.scales()[0], f16::from_f32(31.0 / 127.0));
+        // Q4_0: the largest magnitude (−31) maps to q = 0, the scale is −31 / −8.
+        let neg: Vec<f32> = (0..32).map(|i| -(i as f32)).collect();
+        let m = QMatrix::quantize(QType::Q4_0, &neg, 1, 32)?;
+        assert_eq!(m.scales()[0], f16::from_f32(31.0 / 8.0));
+        let mut vals = [0i8; BLOCK];
+        unpack_block(QType::Q4_0, m.qs(), 0, 1, &mut vals);
+        assert_eq!(vals[31], -8);
+        assert_eq!(vals[0], 0);
+        // A zero block stays zero.
+        let m = QMatrix::quantize(QType::Q4_0, &[0.0; 64], 1, 64)?;
+        assert!(m.qs().iter().all(|&b| b == 0x88));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_widths_are_errors() {
+        assert!(QMatrix::quantize(QType::Q8_0, &[0.0; 40], 1, 40).is_err());
+        assert!(QType::parse("q5_1").is_err());
+        assert_eq!(QType::parse("Q4_0").ok().flatten(), Some(QType::Q4_0));
+    }
+}
