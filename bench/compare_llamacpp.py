@@ -426,7 +426,7 @@ def ensure_gguf(a, model_dir, cfg):
 # 3.-4. quantise, check
 
 
-def ensure_quant(a, bins, bf16_path, qtype):
+def ensure_quant(a, bins, bf16_path, qtype, logdir):
     if qtype == "BF16":
         return bf16_path
     suffix = f"{qtype.lower()}{'-pure' if a.quantize_pure else ''}"
@@ -434,11 +434,16 @@ def ensure_quant(a, bins, bf16_path, qtype):
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(bf16_path):
         return path
     tmp = path + ".tmp"
-    t0 = time.time()
-    run(["nice", "-n", "10", bins["llama-quantize"]] + (["--pure"] if a.quantize_pure else [])
-        + [bf16_path, tmp, qtype, str(a.jobs)], stdout=subprocess.DEVNULL)
+    cmd = ["nice", "-n", "10", bins["llama-quantize"]] + (["--pure"] if a.quantize_pure else []) + [
+        bf16_path, tmp, qtype, str(a.jobs)]
+    base = os.path.join(logdir, os.path.basename(path) + ".quantize")
+    rc, _, err, _, wall = run_measured(cmd, base)
+    if rc != 0:
+        sys.exit(f"llama-quantize failed (rc {rc}; {base}.err):\n{tail(err)}")
     os.replace(tmp, path)
-    log(f"{qtype}: {os.path.getsize(path) / GIB:.2f} GiB in {time.time() - t0:.0f} s")
+    embd = next((ln.split("converting to")[-1].split("..")[0].strip() for ln in err.splitlines()
+                 if "token_embd.weight" in ln and "converting to" in ln), "?")
+    log(f"{qtype}: {os.path.getsize(path) / GIB:.2f} GiB in {wall:.0f} s (token_embd, also the output matrix: {embd})")
     return path
 
 
@@ -599,7 +604,7 @@ def main():
     bf16, stamp = ensure_gguf(a, a.model, cfg)
     files = {}
     for p in precs:
-        files[p] = ensure_quant(a, bins, bf16, PRECISIONS[p][0])
+        files[p] = ensure_quant(a, bins, bf16, PRECISIONS[p][0], logdir)
         check_gguf(a, bins, files[p], cfg, logdir)
     if a.prepare_only:
         for p in precs:

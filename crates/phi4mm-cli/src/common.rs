@@ -26,6 +26,9 @@ pub struct ModelArgs {
     /// A checkpoint written by `phi4mm quantize` loads in its own format without this.
     #[arg(long, default_value = "none")]
     pub quant: String,
+    /// KV cache: auto (the compute dtype) or q8 (8-bit, half of bf16's memory; CPU only).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache: String,
 }
 
 impl ModelArgs {
@@ -73,6 +76,7 @@ impl ModelArgs {
             dtype: self.dtype()?,
             device: self.device()?,
             quant: phi4mm::quant::QType::parse(&self.quant)?,
+            kv_cache: phi4mm::kv_cache::KvFormat::parse(&self.kv_cache)?,
             progress: Some(Box::new(move |done, total| {
                 b.set_length(total);
                 b.set_position(done);

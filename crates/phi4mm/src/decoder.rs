@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::Matrix;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvFormat};
 use crate::lora::{Adapter, LoraLinear};
 use crate::quant::QType;
 use crate::rope::{self, Rope};
@@ -94,6 +94,15 @@ impl Attention {
         let (cos, sin) = cos_sin;
         let q = rope::apply(&q, cos, sin, rope.rotary_dims())?; // [h, n, d]
         let k = rope::apply(&k, cos, sin, rope.rotary_dims())?; // [kv, n, d]
+        let scale = 1.0 / (d as f64).sqrt();
+        if n == 1 && cache.format() == KvFormat::Q8 {
+            // Decode over the 8-bit cache without dequantising it.
+            cache.write(layer, start, &k, &v)?;
+            let qf: Vec<f32> = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?; // [h·d]
+            let out = cache.attend(layer, &qf, h, start + 1, scale as f32)?;
+            let out = Tensor::from_vec(out, (1, h * d), x.device())?.to_dtype(x.dtype())?;
+            return self.o_proj.forward(&out, adapter);
+        }
         let (keys, values) = cache.append(layer, start, &k, &v)?; // [kv, L, d]
         let total = start + n;
         let group = h / kv;
@@ -103,7 +112,6 @@ impl Attention {
         // the large tensors, and the CPU backend has no bf16 GEMM.
         let q = q.contiguous()?.reshape((kv, group * n, d))?.to_dtype(DType::F32)?;
         let keys = keys.to_dtype(DType::F32)?;
-        let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&keys.t()?)? * scale)?; // [kv, group·n, L]
         let scores = if n > 1 {
             let mask = causal_mask(start, n, x.device())?;
@@ -194,6 +202,7 @@ pub struct Decoder {
     device: Device,
     /// Upper bound on the bytes of one attention score matrix during prefill.
     max_score_bytes: usize,
+    kv_format: KvFormat,
 }
 
 impl Decoder {
@@ -239,6 +248,7 @@ impl Decoder {
             dtype,
             device: device.clone(),
             max_score_bytes: 256 << 20,
+            kv_format: KvFormat::Dense,
         })
     }
 
@@ -318,14 +328,24 @@ impl Decoder {
         }
     }
 
+    /// Chooses the format of the caches [`Decoder::new_cache`] makes.
+    pub fn set_kv_format(&mut self, format: KvFormat) -> Result<()> {
+        if format == KvFormat::Q8 && !self.device.is_cpu() {
+            return Err(Error::Request("the 8-bit KV cache runs on the CPU only".into()));
+        }
+        self.kv_format = format;
+        Ok(())
+    }
+
     /// An empty KV cache with room for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        KvCache::new(
+        KvCache::with_format(
             self.layers.len(),
             self.kv_heads,
             self.head_dim,
             capacity,
             self.dtype,
+            self.kv_format,
             &self.device,
         )
     }

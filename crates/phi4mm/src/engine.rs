@@ -23,6 +23,7 @@ use crate::image_io::{decode_image, load_image, ImageLimits, RgbImage};
 use crate::image_prep::{Layout, PreparedImage};
 use crate::vision::VisionEncoder;
 use crate::prompt::{self, Mode};
+use crate::kv_cache::KvFormat;
 use crate::quant::QType;
 use crate::sampler::{self, Sampler};
 use crate::tokenizer::Tokenizer;
@@ -46,6 +47,8 @@ pub struct LoadOptions {
     /// Quantise the decoder's projections to this format at load (CPU only). A checkpoint
     /// written by `phi4mm quantize` is used in its own format whatever this says.
     pub quant: Option<QType>,
+    /// KV cache format: the activation dtype, or 8-bit (CPU).
+    pub kv_cache: KvFormat,
     /// Called with (bytes loaded, total bytes).
     pub progress: Option<ProgressFn>,
 }
@@ -56,6 +59,7 @@ impl Default for LoadOptions {
             dtype: DType::BF16,
             device: Device::Cpu,
             quant: None,
+            kv_cache: KvFormat::Dense,
             progress: None,
         }
     }
@@ -118,7 +122,8 @@ impl Engine {
         if (opts.quant.is_some() || weights.file_quant().is_some()) && !opts.device.is_cpu() {
             return Err(Error::Request("quantised weight formats run on the CPU only; use --device cpu or no --quant".into()));
         }
-        let decoder = Decoder::load(&config, &weights, opts.dtype, &opts.device, opts.quant)?;
+        let mut decoder = Decoder::load(&config, &weights, opts.dtype, &opts.device, opts.quant)?;
+        decoder.set_kv_format(opts.kv_cache)?;
         let vision = if VisionEncoder::present(&weights) {
             Some(VisionEncoder::load(&weights, &vision_cfg, config.hidden_size, opts.dtype, &opts.device)?)
         } else {

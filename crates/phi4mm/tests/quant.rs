@@ -9,11 +9,16 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use phi4mm::engine::Prepared;
+use phi4mm::kv_cache::KvFormat;
 use phi4mm::quant::QType;
 use phi4mm::{Engine, GenerateRequest, LoadOptions, Mode, PromptInput};
 
 fn load(dir: &std::path::Path, quant: Option<QType>) -> phi4mm::Result<Engine> {
-    Engine::load(dir, LoadOptions { dtype: DType::F32, device: Device::Cpu, quant, ..Default::default() })
+    load_kv(dir, quant, KvFormat::Dense)
+}
+
+fn load_kv(dir: &std::path::Path, quant: Option<QType>, kv_cache: KvFormat) -> phi4mm::Result<Engine> {
+    Engine::load(dir, LoadOptions { dtype: DType::F32, device: Device::Cpu, quant, kv_cache, ..Default::default() })
 }
 
 /// Pearson correlation.
@@ -71,12 +76,17 @@ fn drift_from_f32_is_small_and_reported() {
     eprintln!("| format | case | max abs logit diff | logit spread | logit correlation | greedy agreement |");
     eprintln!("|---|---|---|---|---|---|");
     // Bounds: about twice the measured drift (see the README's table).
-    for (qtype, bound, min_corr) in
-        [(None, 1e-5f32, 0.999_999), (Some(QType::Q8_0), 0.1, 0.98), (Some(QType::Q4_0), 0.6, 0.6)]
-    {
-        let engine = load(&tiny(), qtype).unwrap();
-        let name = qtype.map_or("f32", QType::name);
-        assert_eq!(engine.format(), if qtype.is_some() { name } else { "f32" });
+    for (qtype, kv, bound, min_corr) in [
+        (None, KvFormat::Dense, 1e-5f32, 0.999_999),
+        (None, KvFormat::Q8, 0.1, 0.98),
+        (Some(QType::Q8_0), KvFormat::Dense, 0.1, 0.98),
+        (Some(QType::Q4_0), KvFormat::Dense, 0.6, 0.6),
+        (Some(QType::Q4_0), KvFormat::Q8, 0.6, 0.6),
+    ] {
+        let engine = load_kv(&tiny(), qtype, kv).unwrap();
+        let weights = qtype.map_or("f32", QType::name);
+        assert_eq!(engine.format(), weights);
+        let name = if kv == KvFormat::Q8 { format!("{weights} + 8-bit KV") } else { weights.to_string() };
         let mut total_agree = 0;
         let mut total = 0;
         for case in &cases {
@@ -93,7 +103,7 @@ fn drift_from_f32_is_small_and_reported() {
         // The tiny model's weights are N(0, 1) with margins between its top two logits as
         // small as 0.05, so greedy agreement is reported, and only asserted for f32.
         eprintln!("| {name} | all | | | | {total_agree}/{total} |");
-        if qtype.is_none() {
+        if qtype.is_none() && kv == KvFormat::Dense {
             assert_eq!(total_agree, total, "f32 greedy tokens");
         }
     }
