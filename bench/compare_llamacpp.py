@@ -51,7 +51,8 @@ too) plus a C/C++ compiler; torch is not needed. Everything this writes goes und
 3. Quantise with the built `llama-quantize` (its default mixes; --quantize-pure passes --pure) to
    Q8_0, Q4_0 and Q4_K_M as needed by --precisions. With the tied embedding llama-quantize stores
    token_embd (also the output projection) in a higher-precision type than the rest for the
-   Q4_0/Q4_K_M files; its size is in the table.
+   Q4_0/Q4_K_M files (Q6_K with this llama.cpp; phi4mm's --quant q4_0 currently keeps its tied head at Q8_0); the
+   type is printed and the sizes are in the table. llama-quantize's output goes to --work/logs.
 
 4. Check that every GGUF loads and runs: `llama-bench -v -p 8 -n 2 -r 1 --no-warmup` once per
    file, checking the loader's printed n_embd, n_layer, n_head, n_head_kv, n_rot, n_ff, n_vocab and
@@ -65,7 +66,9 @@ too) plus a C/C++ compiler; torch is not needed. Everything this writes goes und
    shown as n/a. Both engines time random-token prompts; llama-bench's tg test decodes from an
    empty cache while phi4mm decodes after its P-token prompt. Peak RSS is each child's ru_maxrss
    from os.wait4 (the same measure for both; mmapped weights count once touched). Children's
-   output is kept in --work/logs.
+   output is kept in --work/logs. /proc/stat is read around every timed run to tell how many cores
+   other processes kept busy meanwhile; above 0.3 the table carries a warning (a busy machine
+   slows llama.cpp, whose threads spin at each barrier, far more than phi4mm).
 
 6. Print a markdown table per precision: engine, weights GiB (llama.cpp: the GGUF file; phi4mm:
    the decoder weights it reports, `decoder_gib`), prefill tok/s (ppP), decode tok/s (tgN), peak
@@ -95,6 +98,8 @@ TARGETS = ["llama-bench", "llama-quantize"]
 PRECISIONS = {"bf16": ("BF16", "none"), "q8_0": ("Q8_0", "q8_0"), "q4_0": ("Q4_0", "q4_0"),
               "q4_k_m": ("Q4_K_M", None)}
 GIB = float(1 << 30)
+# Average cores kept busy by other processes during a timed run above which the table warns.
+BUSY_LOAD = 0.3
 
 
 def log(*a):
@@ -106,20 +111,42 @@ def run(cmd, **kw):
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
+def cpu_busy_s():
+    """Seconds of CPU time the whole machine has spent busy (all cores; /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    guest = sum(v[8:10]) if len(v) > 9 else 0  # already counted in user/nice
+    return (sum(v) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
 def run_measured(cmd, log_base):
-    """Run cmd alone; stdout/stderr go to LOG_BASE.out/.err. Returns (rc, stdout, stderr, maxrss KiB, wall s)."""
+    """Run cmd alone; stdout/stderr go to LOG_BASE.out/.err.
+
+    Returns (rc, stdout, stderr, info) with info: peak_rss_kib (the child's ru_maxrss), wall_s,
+    cpu_s (the child's user + system time) and other_load: the average number of cores that
+    everything else on the machine kept busy meanwhile (from /proc/stat), a check that the
+    timing was not disturbed.
+    """
     log("+", " ".join(shlex.quote(str(c)) for c in cmd))
     with open(log_base + ".out", "w+b") as out, open(log_base + ".err", "w+b") as err:
+        busy0 = cpu_busy_s()
         t0 = time.perf_counter()
         p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err)
         # wait4 reaps the child itself, so its resource usage is this child's alone.
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
+        busy1 = cpu_busy_s()
         p.returncode = os.waitstatus_to_exitcode(status)
+        cpu = ru.ru_utime + ru.ru_stime
+        other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu) / max(wall, 1e-9))
         out.seek(0)
         err.seek(0)
         return (p.returncode, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"),
-                ru.ru_maxrss, wall)
+                {"peak_rss_kib": ru.ru_maxrss, "wall_s": wall, "cpu_s": cpu, "other_load": other})
 
 
 def tail(text, n=15):
@@ -194,7 +221,7 @@ def build_llamacpp(a):
 
 
 class Checkpoint:
-    """Tensor index of a sharded safetensors checkpoint: name -> (file, dtype, shape, byte offset)."""
+    """Tensor index of a (sharded) safetensors checkpoint: name -> (file, dtype, shape, offset, nbytes)."""
 
     def __init__(self, model_dir):
         self.dir = model_dir
@@ -341,17 +368,20 @@ def write_gguf(a, ck, cfg, out_path):
     if isinstance(tok_cfg.get("chat_template"), str):
         W.add_chat_template(tok_cfg["chat_template"])
 
+    def linear(prefix):  # the base weight of a LoRA-wrapped linear (or of a plain one)
+        return ck.find(f"{prefix}.base_layer.weight", f"{prefix}.weight")
+
     # (gguf name, source tensor name or None, float32 array for small/computed tensors)
     plan = [("token_embd.weight", emb, None)]
     for i in range(n_layer):
         p = f"model.layers.{i}."
         plan += [
             (f"blk.{i}.attn_norm.weight", None, ck.f32(ck.find(p + "input_layernorm.weight"))),
-            (f"blk.{i}.attn_qkv.weight", ck.find(p + "self_attn.qkv_proj.base_layer.weight", p + "self_attn.qkv_proj.weight"), None),
-            (f"blk.{i}.attn_output.weight", ck.find(p + "self_attn.o_proj.base_layer.weight", p + "self_attn.o_proj.weight"), None),
+            (f"blk.{i}.attn_qkv.weight", linear(p + "self_attn.qkv_proj"), None),
+            (f"blk.{i}.attn_output.weight", linear(p + "self_attn.o_proj"), None),
             (f"blk.{i}.ffn_norm.weight", None, ck.f32(ck.find(p + "post_attention_layernorm.weight"))),
-            (f"blk.{i}.ffn_up.weight", ck.find(p + "mlp.gate_up_proj.base_layer.weight", p + "mlp.gate_up_proj.weight"), None),
-            (f"blk.{i}.ffn_down.weight", ck.find(p + "mlp.down_proj.base_layer.weight", p + "mlp.down_proj.weight"), None),
+            (f"blk.{i}.ffn_up.weight", linear(p + "mlp.gate_up_proj"), None),
+            (f"blk.{i}.ffn_down.weight", linear(p + "mlp.down_proj"), None),
         ]
     plan.append(("output_norm.weight", None, ck.f32(ck.find("model.norm.weight"))))
     if long_f:
@@ -437,13 +467,14 @@ def ensure_quant(a, bins, bf16_path, qtype, logdir):
     cmd = ["nice", "-n", "10", bins["llama-quantize"]] + (["--pure"] if a.quantize_pure else []) + [
         bf16_path, tmp, qtype, str(a.jobs)]
     base = os.path.join(logdir, os.path.basename(path) + ".quantize")
-    rc, _, err, _, wall = run_measured(cmd, base)
+    rc, _, err, info = run_measured(cmd, base)
     if rc != 0:
         sys.exit(f"llama-quantize failed (rc {rc}; {base}.err):\n{tail(err)}")
     os.replace(tmp, path)
     embd = next((ln.split("converting to")[-1].split("..")[0].strip() for ln in err.splitlines()
                  if "token_embd.weight" in ln and "converting to" in ln), "?")
-    log(f"{qtype}: {os.path.getsize(path) / GIB:.2f} GiB in {wall:.0f} s (token_embd, also the output matrix: {embd})")
+    log(f"{qtype}: {os.path.getsize(path) / GIB:.2f} GiB in {info['wall_s']:.0f} s "
+        f"(token_embd, also the output matrix: {embd})")
     return path
 
 
@@ -452,7 +483,7 @@ def check_gguf(a, bins, path, cfg, logdir):
     if os.path.exists(ok) and os.path.getmtime(ok) >= os.path.getmtime(path):
         return
     base = os.path.join(logdir, os.path.basename(path) + ".check")
-    rc, out, err, _, _ = run_measured([bins["llama-bench"], "-v", "-m", path, "-p", "8", "-n", "2", "-t",
+    rc, out, err, _ = run_measured([bins["llama-bench"], "-v", "-m", path, "-p", "8", "-n", "2", "-t",
                                        str(a.threads), "-r", "1", "--no-warmup", "-o", "json"], base)
     if rc != 0:
         sys.exit(f"llama-bench could not run {path} (rc {rc}):\n{tail(err, 30)}")
@@ -481,8 +512,8 @@ def check_gguf(a, bins, path, cfg, logdir):
 def bench_llamacpp(a, bins, path, logbase):
     cmd = [bins["llama-bench"], "-m", path, "-p", str(a.prompt_tokens), "-n", str(a.gen_tokens), "-t",
            str(a.threads), "-r", "1", "-o", "json"]
-    rc, out, err, rss, wall = run_measured(cmd, logbase)
-    r = {"engine": "llama.cpp", "cmd": cmd, "rc": rc, "peak_rss_kib": rss, "wall_s": wall,
+    rc, out, err, info = run_measured(cmd, logbase)
+    r = {"engine": "llama.cpp", "cmd": cmd, "rc": rc, **info,
          "weights_gib": os.path.getsize(path) / GIB, "prefill_tok_s": None, "decode_tok_s": None}
     if rc != 0:
         log(f"llama-bench failed (rc {rc}):\n{tail(err)}")
@@ -505,8 +536,8 @@ def bench_llamacpp(a, bins, path, logbase):
 def bench_phi4mm(a, quant, logbase):
     cmd = [a.phi4mm, "bench", "--json", "--model", a.model, "--threads", str(a.threads), "--prompt-tokens",
            str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--quant", quant]
-    rc, out, err, rss, wall = run_measured(cmd, logbase)
-    r = {"engine": "phi4mm", "cmd": cmd, "rc": rc, "peak_rss_kib": rss, "wall_s": wall, "quant": quant,
+    rc, out, err, info = run_measured(cmd, logbase)
+    r = {"engine": "phi4mm", "cmd": cmd, "rc": rc, **info, "quant": quant,
          "weights_gib": None, "prefill_tok_s": None, "decode_tok_s": None}
     if rc != 0:
         log(f"phi4mm bench --quant {quant} failed (rc {rc}); shown as n/a:\n{tail(err)}")
@@ -545,18 +576,25 @@ def table(a, prec, qtype, runs):
     for name, rs in (("llama.cpp", ll), ("phi4mm", ph)):
         ok = [r for r in rs if r["rc"] == 0]
         g = agg[name] = {"prefill": best(ok, "prefill_tok_s"), "decode": best(ok, "decode_tok_s"),
-                         "rss": best(ok, "peak_rss_kib"), "weights": best(ok, "weights_gib"),
+                         "peak_rss_kib": best(ok, "peak_rss_kib"), "weights_gib": best(ok, "weights_gib"),
                          "format": next((r.get("format") for r in ok if r.get("format")), None)}
-        rss = None if g["rss"] is None else g["rss"] * 1024 / GIB
+        rss = None if g["peak_rss_kib"] is None else g["peak_rss_kib"] * 1024 / GIB
         fmt_name = g["format"] or (qtype if name == "llama.cpp" else rs[0]["quant"] if rs else "")
-        lines.append(f"| {name} | {fmt_name} | {fmt(g['weights'], '.2f')} | {fmt(g['prefill'], '.2f')} | "
+        lines.append(f"| {name} | {fmt_name} | {fmt(g['weights_gib'], '.2f')} | {fmt(g['prefill'], '.2f')} | "
                      f"{fmt(g['decode'], '.2f')} | {fmt(rss, '.2f')} |")
 
     def ratio(k):
         x, y = agg["phi4mm"][k], agg["llama.cpp"][k]
         return None if x is None or not y else x / y
 
-    lines.append(f"| phi4mm / llama.cpp | | | {fmt(ratio('prefill'), '.2f')}x | {fmt(ratio('decode'), '.2f')}x | |")
+    rp, rd = ratio("prefill"), ratio("decode")
+    rp, rd = (fmt(x, ".2f") + ("x" if x else "") for x in (rp, rd))
+    lines.append(f"| phi4mm / llama.cpp | | | {rp} | {rd} | |")
+    busy = [r for r in runs if (r.get("other_load") or 0) > BUSY_LOAD]
+    if busy:
+        worst = max(r["other_load"] for r in busy)
+        lines += ["", f"Warning: other processes kept up to {worst:.1f} cores busy during {len(busy)} of these "
+                  f"{len(runs)} runs; the timings are unreliable (llama.cpp's spinning threads suffer most)."]
     return "\n".join(lines), agg
 
 
@@ -623,7 +661,8 @@ def main():
                 r.update(precision=p, round=rnd)
                 runs.append(r)
                 log(f"  {p} round {rnd} {r['engine']}: prefill {fmt(r['prefill_tok_s'], '.2f')} tok/s, decode "
-                    f"{fmt(r['decode_tok_s'], '.2f')} tok/s, peak RSS {r['peak_rss_kib'] / 1048576:.2f} GiB")
+                    f"{fmt(r['decode_tok_s'], '.2f')} tok/s, peak RSS {r['peak_rss_kib'] / 1048576:.2f} GiB, "
+                    f"{r['wall_s']:.0f} s, other load {fmt(r['other_load'], '.2f')} cores")
         t, agg = table(a, p, qtype, runs)
         tables.append(t)
         print(t + "\n", flush=True)

@@ -32,6 +32,41 @@ pub struct BenchArgs {
     /// Skip the text prefill/decode measurement (only media timings).
     #[arg(long)]
     pub media_only: bool,
+    /// Also measure memory and decode speed with a KV cache of this many positions (e.g.
+    /// 131072): a real 512-token prefill whose keys and values are repeated to fill the cache,
+    /// then `--gen-tokens` decode steps at the end of it (a real prefill that long takes hours
+    /// on a laptop CPU).
+    #[arg(long)]
+    pub context: Option<usize>,
+}
+
+/// Decode speed and memory with a KV cache holding `ctx` positions.
+fn bench_context(engine: &phi4mm::Engine, ctx: usize, gen: usize, ids: &[u32]) -> Result<serde_json::Value> {
+    let dec = engine.decoder();
+    let prefill = ids.len().min(512).min(ctx / 2).max(1);
+    anyhow::ensure!(ctx > prefill + gen, "--context must exceed the prompt and the generated tokens");
+    let mut cache = dec.new_cache(ctx)?;
+    dec.forward(&dec.embed(&ids[..prefill])?, &mut cache, None, None)?;
+    cache.repeat_to(ctx - gen, dec.rope().is_long(ctx))?;
+    let mut tok = ids[0];
+    let t = std::time::Instant::now();
+    for _ in 0..gen {
+        let h = dec.forward(&dec.embed(&[tok])?, &mut cache, None, None)?;
+        let logits = dec.logits(&h)?;
+        tok = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32);
+    }
+    let decode_tok_s = gen as f64 / t.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "context": ctx,
+        "kv_cache": format!("{:?}", cache.format()).to_lowercase(),
+        "kv_cache_gib": cache.nbytes() as f64 / (1u64 << 30) as f64,
+        "decode_tok_s": decode_tok_s,
+        "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+    }))
 }
 
 /// Feature and encoder time for one audio file.
@@ -108,8 +143,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut req = GenerateRequest::new(PromptInput::Raw(String::new()));
     req.max_new_tokens = a.gen_tokens;
     req.ignore_eos = true;
-    let prepared = Prepared::text(ids);
-    let c = if a.media_only {
+    let prepared = Prepared::text(ids.clone());
+    let c = if a.media_only || a.context.is_some() {
         None
     } else {
         Some(engine.generate_prepared(&prepared, &req, |_| true)?)
@@ -122,7 +157,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(p) => Some(bench_image(&engine, p)?),
         None => None,
     };
+    let context = match a.context {
+        Some(n) => Some(bench_context(&engine, n, a.gen_tokens, &ids)?),
+        None => None,
+    };
     let report = serde_json::json!({
+        "context": context,
         "image": image,
         "audio": audio,
         "engine": "phi4mm",
@@ -162,6 +202,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "audio       {:.1} s, {} tokens: features {:.2} s, encoder {:.2} s, real-time factor {:.4}",
                 au["seconds"].as_f64().unwrap_or(0.0), au["audio_tokens"], au["features_s"].as_f64().unwrap_or(0.0),
                 au["encode_s"].as_f64().unwrap_or(0.0), au["rtf"].as_f64().unwrap_or(0.0)
+            );
+        }
+        if let Some(cx) = &context {
+            println!(
+                "context     {} positions, {} KV cache {:.2} GiB: decode {:.3} tok/s",
+                cx["context"], cx["kv_cache"].as_str().unwrap_or(""), cx["kv_cache_gib"].as_f64().unwrap_or(0.0),
+                cx["decode_tok_s"].as_f64().unwrap_or(0.0)
             );
         }
         if let Some(b) = peak_rss_bytes() {

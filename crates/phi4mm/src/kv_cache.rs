@@ -312,6 +312,47 @@ impl KvCache {
         Ok(())
     }
 
+    /// Fills positions `len()..target` by repeating the cached ones and marks the cache as
+    /// rotated with `long` factors. Only for measuring memory and decode speed at long context
+    /// (`phi4mm bench --context`): the contents are not what a real prefill would cache.
+    pub fn repeat_to(&mut self, target: usize, long: bool) -> Result<()> {
+        let have = self.len;
+        if have == 0 || target > self.capacity {
+            return Err(Error::Request(format!("cannot repeat {have} cached positions to {target} (capacity {})", self.capacity)));
+        }
+        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        match &mut self.store {
+            Store::Dense(layers) => {
+                for (k, v) in layers.iter() {
+                    let mut at = have;
+                    while at < target {
+                        let n = have.min(target - at);
+                        k.slice_set(&k.narrow(1, 0, n)?.contiguous()?, 1, at)?;
+                        v.slice_set(&v.narrow(1, 0, n)?.contiguous()?, 1, at)?;
+                        at += n;
+                    }
+                }
+            }
+            Store::Q8(layers) => {
+                for q in layers.iter_mut() {
+                    for (x, s) in [(&mut q.k, &mut q.ks), (&mut q.v, &mut q.vs)] {
+                        for head in 0..h {
+                            for p in have..target {
+                                let from = head * cap + p % have;
+                                let to = head * cap + p;
+                                x.copy_within(from * d..(from + 1) * d, to * d);
+                                s[to] = s[from];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.len = target;
+        self.long = long;
+        Ok(())
+    }
+
     /// Marks positions `..len` as filled (after every layer has appended).
     pub fn set_len(&mut self, len: usize) {
         self.len = len;
