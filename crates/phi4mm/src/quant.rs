@@ -7,11 +7,14 @@
 //!   magnitude (sign kept), `q = min(15, trunc(w/d + 8.5))` — 4.5 bits per weight.
 //!
 //! Storage differs from GGML's interleaved blocks: a matrix keeps its quants and its scales in
-//! two arrays (`qs` `[rows, row_bytes]`, `d` `[rows, cols/32]` f16), so kernels stream each
-//! with plain vector loads. Q4_0 packs pairs of blocks into 32 bytes: byte `i` holds weight `i`
-//! of the first block in its low nibble and weight `i` of the second in its high nibble (one
-//! AND and one shift unpack two whole blocks); an odd final block packs weight `i` low and
-//! `i + 16` high, as GGML does.
+//! two arrays (`qs` `[rows, row_bytes]`, `d` `[rows, cols/32]` f16), and inside a row every run
+//! of 16 blocks (512 weights) is interleaved four bytes at a time: 64-byte chunk `t` holds, for
+//! each block `j` of the run, four consecutive quants (Q8_0: weights `4t..4t+4` of block `j`;
+//! Q4_0: weights `4t..4t+4` in the low nibbles and `16+4t..16+4t+4` in the high ones). One
+//! `vpdpbusd` then leaves each 32-bit lane with one block's partial sum, so a run of 16 blocks
+//! costs one int→float conversion and one multiply-add (see `kernels::qdot`). Blocks after the
+//! last whole run are stored one after another (Q4_0: two blocks share 32 bytes, the first in
+//! the low nibbles; a lone last block packs weight `i` low and `i + 16` high, as GGML does).
 
 use std::sync::Arc;
 
@@ -23,6 +26,8 @@ use crate::error::{Error, Result};
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
+/// Blocks interleaved together in a row.
+pub const GROUP: usize = 16;
 
 /// A block quantisation format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,9 +60,31 @@ impl QType {
 
     /// Bytes of quants in one row of `cols` weights.
     pub fn row_bytes(self, cols: usize) -> usize {
+        cols / BLOCK * self.block_bytes()
+    }
+
+    /// Bytes of quants per block.
+    pub fn block_bytes(self) -> usize {
         match self {
-            QType::Q8_0 => cols,
-            QType::Q4_0 => cols / 2,
+            QType::Q8_0 => BLOCK,
+            QType::Q4_0 => BLOCK / 2,
+        }
+    }
+
+    /// Within a run of 16 interleaved blocks, the weight (`block·32 + i`) that the `p`-th
+    /// value of the run's storage order holds (Q4_0: each 64-byte chunk's low nibbles, then its
+    /// high nibbles). Kernels that decode a run in storage order permute activations with it.
+    pub fn run_order(self, p: usize) -> usize {
+        match self {
+            QType::Q8_0 => {
+                let (t, r) = (p / 64, p % 64);
+                (r / 4) * BLOCK + 4 * t + r % 4
+            }
+            QType::Q4_0 => {
+                let (t, r) = (p / 128, p % 128);
+                let (h, r) = (r / 64, r % 64);
+                (r / 4) * BLOCK + h * 16 + 4 * t + r % 4
+            }
         }
     }
 }
@@ -70,6 +97,7 @@ pub enum Bytes {
 }
 
 impl Bytes {
+    #[inline]
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Owned(v) => v,
@@ -136,11 +164,13 @@ impl QMatrix {
     }
 
     /// All quants, row after row.
+    #[inline]
     pub fn qs(&self) -> &[u8] {
         self.qs.as_slice()
     }
 
     /// All scales `[rows, blocks]`.
+    #[inline]
     pub fn scales(&self) -> &[f16] {
         match &self.d {
             Scales::Owned(v) => v,
@@ -160,6 +190,7 @@ impl QMatrix {
     }
 
     /// Quants and scales of row `r`.
+    #[inline]
     pub fn row(&self, r: usize) -> (&[u8], &[f16]) {
         let rb = self.qtype.row_bytes(self.cols);
         let nb = self.blocks();
@@ -230,41 +261,62 @@ impl QMatrix {
 /// Quantises one row `x` into quants `q` and scales `d`.
 pub fn quantize_row(qtype: QType, x: &[f32], q: &mut [u8], d: &mut [f16]) {
     let nb = x.len() / BLOCK;
-    match qtype {
-        QType::Q8_0 => {
-            for b in 0..nb {
-                let xs = &x[b * BLOCK..(b + 1) * BLOCK];
-                let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-                d[b] = f16::from_f32(scale);
-                for (o, v) in q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
-                    *o = ((v * inv).round() as i8) as u8;
-                }
-            }
-        }
-        QType::Q4_0 => {
-            let mut vals = [[0u8; BLOCK]; 2];
-            let mut b = 0;
-            while b < nb {
-                let pair = (b + 1 < nb) as usize + 1;
-                for (k, v) in vals.iter_mut().enumerate().take(pair) {
-                    d[b + k] = quantize_block_q4(&x[(b + k) * BLOCK..(b + k + 1) * BLOCK], v);
-                }
-                let out = &mut q[b * BLOCK / 2..];
-                if pair == 2 {
-                    for i in 0..BLOCK {
-                        out[i] = vals[0][i] | (vals[1][i] << 4);
-                    }
-                } else {
-                    for i in 0..BLOCK / 2 {
-                        out[i] = vals[0][i] | (vals[0][i + BLOCK / 2] << 4);
-                    }
-                }
-                b += pair;
+    // Each block's quants as bytes (Q8_0: the int8 bit pattern; Q4_0: 0..=15).
+    let mut vals = vec![[0u8; BLOCK]; nb];
+    for (b, v) in vals.iter_mut().enumerate() {
+        let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+        d[b] = match qtype {
+            QType::Q8_0 => quantize_block_q8(xs, v),
+            QType::Q4_0 => quantize_block_q4(xs, v),
+        };
+    }
+    let runs = nb / GROUP;
+    let bb = qtype.block_bytes();
+    for g in 0..runs {
+        let out = &mut q[g * GROUP * bb..(g + 1) * GROUP * bb];
+        for (j, v) in vals[g * GROUP..(g + 1) * GROUP].iter().enumerate() {
+            for i in 0..bb {
+                let (t, e) = (i / 4, i % 4);
+                out[t * 64 + j * 4 + e] = match qtype {
+                    QType::Q8_0 => v[i],
+                    QType::Q4_0 => v[i] | (v[i + 16] << 4),
+                };
             }
         }
     }
+    let mut b = runs * GROUP;
+    while b < nb {
+        let out = &mut q[b * bb..];
+        match qtype {
+            QType::Q8_0 => {
+                out[..BLOCK].copy_from_slice(&vals[b]);
+                b += 1;
+            }
+            QType::Q4_0 if b + 1 < nb => {
+                for i in 0..BLOCK {
+                    out[i] = vals[b][i] | (vals[b + 1][i] << 4);
+                }
+                b += 2;
+            }
+            QType::Q4_0 => {
+                for i in 0..BLOCK / 2 {
+                    out[i] = vals[b][i] | (vals[b][i + BLOCK / 2] << 4);
+                }
+                b += 1;
+            }
+        }
+    }
+}
+
+/// One Q8_0 block: int8 quants (as bytes) into `q`, returns the scale.
+fn quantize_block_q8(x: &[f32], q: &mut [u8; BLOCK]) -> f16 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+    for (o, v) in q.iter_mut().zip(x) {
+        *o = ((v * inv).round() as i8) as u8;
+    }
+    f16::from_f32(scale)
 }
 
 /// One Q4_0 block: unsigned quants (0..=15) into `q`, returns the scale.
@@ -283,9 +335,26 @@ fn quantize_block_q4(x: &[f32], q: &mut [u8; BLOCK]) -> f16 {
     f16::from_f32(scale)
 }
 
-/// The signed quants of block `b` of a row (Q4_0: `q − 8`).
+/// The signed quants of block `b` of a row of `nb` blocks (Q4_0: `q − 8`).
 #[inline]
 pub fn unpack_block(qtype: QType, q: &[u8], b: usize, nb: usize, out: &mut [i8; BLOCK]) {
+    let runs = nb / GROUP;
+    let bb = qtype.block_bytes();
+    if b < runs * GROUP {
+        let (g, j) = (b / GROUP, b % GROUP);
+        let run = &q[g * GROUP * bb..(g + 1) * GROUP * bb];
+        for i in 0..bb {
+            let byte = run[(i / 4) * 64 + j * 4 + i % 4];
+            match qtype {
+                QType::Q8_0 => out[i] = byte as i8,
+                QType::Q4_0 => {
+                    out[i] = (byte & 0x0F) as i8 - 8;
+                    out[i + 16] = (byte >> 4) as i8 - 8;
+                }
+            }
+        }
+        return;
+    }
     match qtype {
         QType::Q8_0 => {
             for (o, &v) in out.iter_mut().zip(&q[b * BLOCK..(b + 1) * BLOCK]) {
@@ -293,8 +362,9 @@ pub fn unpack_block(qtype: QType, q: &[u8], b: usize, nb: usize, out: &mut [i8; 
             }
         }
         QType::Q4_0 => {
-            let first = b & !1;
-            let bytes = &q[first * BLOCK / 2..];
+            // Pairs are counted from the start of the tail.
+            let first = runs * GROUP + ((b - runs * GROUP) & !1);
+            let bytes = &q[first * bb..];
             if first + 1 < nb {
                 let shift = if b == first { 0 } else { 4 };
                 for i in 0..BLOCK {
@@ -324,23 +394,23 @@ pub fn dequantize_row(qtype: QType, q: &[u8], d: &[f16], out: &mut [f32]) {
 }
 
 /// Activations quantised to int8 per block of 32 (the Q8_0 rule, f32 scales), with each
-/// block's `d·Σq` for the kernels that work on unsigned weights.
+/// block's `d·Σq` for the kernels that work on unsigned weights, and a copy of the quants in a
+/// weight format's run order (see [`QType::run_order`]) for the interleaved kernels.
 #[derive(Debug, Default)]
 pub struct QActs {
     pub q: Vec<i8>,   // [n, k]
+    pub qi: Vec<i8>,  // [n, k], runs of 512 in run order
     pub d: Vec<f32>,  // [n, k/32]
     pub ds: Vec<f32>, // [n, k/32] d·Σq
 }
 
 impl QActs {
-    /// Quantises `n` rows of `x` `[n, k]`.
-    pub fn quantize(&mut self, x: &[f32], k: usize) {
-        let nb = k / BLOCK;
+    /// Quantises `n` rows of `x` `[n, k]` for weights in `qtype`.
+    pub fn quantize(&mut self, x: &[f32], k: usize, qtype: QType) {
         let blocks = x.len() / BLOCK;
         self.q.resize(x.len(), 0);
         self.d.resize(blocks, 0.0);
         self.ds.resize(blocks, 0.0);
-        debug_assert_eq!(blocks % nb.max(1), 0);
         for b in 0..blocks {
             let xs = &x[b * BLOCK..(b + 1) * BLOCK];
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -354,6 +424,18 @@ impl QActs {
             }
             self.d[b] = scale;
             self.ds[b] = scale * sum as f32;
+        }
+        self.qi.clear();
+        self.qi.extend_from_slice(&self.q);
+        let run = GROUP * BLOCK;
+        let order: Vec<usize> = (0..run).map(|p| qtype.run_order(p)).collect();
+        for row in 0..x.len() / k.max(1) {
+            for g in 0..k / run {
+                let base = row * k + g * run;
+                for (p, &src) in order.iter().enumerate() {
+                    self.qi[base + p] = self.q[base + src];
+                }
+            }
         }
     }
 }
@@ -375,7 +457,7 @@ mod tests {
     #[test]
     fn blocks_round_trip_exactly() -> Result<()> {
         for qtype in [QType::Q8_0, QType::Q4_0] {
-            for cols in [32, 64, 96, 3072] {
+            for cols in [32, 64, 96, 512, 544, 608, 3072] {
                 let rows = 5;
                 let w = sample(rows * cols, cols as u64);
                 let m = QMatrix::quantize(qtype, &w, rows, cols)?;

@@ -5,8 +5,8 @@
 //! The output is one `model.safetensors` plus copies of the source's small files (config,
 //! tokenizer, processor). A quantised matrix `name` is stored as two tensors: its quants
 //! `name` (u8 `[rows, row_bytes]`) and its scales `name.scales` (f16 `[rows, cols/32]`); the
-//! header metadata records `phi4mm.quant` (the format asked for) and `phi4mm.qtype.{name}` for
-//! each matrix. Every other tensor (norms, encoders) is copied byte for byte.
+//! header metadata records `phi4mm.quant` (the format asked for), `phi4mm.layout` (the byte
+//! layout's version) and `phi4mm.qtype.{name}` for each matrix. Every other tensor (norms, encoders) is copied byte for byte.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ use crate::decoder::Decoder;
 use crate::error::{Error, Result};
 use crate::hub::ModelFiles;
 use crate::quant::{QType, BLOCK};
-use crate::weights::{ProgressFn, Weights, QTYPE_KEY, SCALES_SUFFIX};
+use crate::weights::{ProgressFn, Weights, LAYOUT_KEY, LAYOUT_VERSION, QTYPE_KEY, SCALES_SUFFIX};
 
 /// What [`quantize_checkpoint`] wrote.
 #[derive(Debug, Clone)]
@@ -77,6 +77,7 @@ pub fn quantize_checkpoint(src: &Path, qtype: QType, out: &Path, progress: Optio
     let mut meta = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("phi4mm.quant".to_string(), qtype.name().to_string()),
+        (LAYOUT_KEY.to_string(), LAYOUT_VERSION.to_string()),
     ]);
     let mut tensors: Vec<(String, Raw<'_>)> = Vec::new();
     let mut copied = 0;

@@ -20,6 +20,9 @@ use crate::quant::{Bytes, QMatrix, QType, BLOCK};
 
 /// Metadata key naming the format of each quantised tensor (`phi4mm.qtype.{name}` = `q4_0`).
 pub const QTYPE_KEY: &str = "phi4mm.qtype.";
+/// Metadata key and value of the quantised layout this build reads (bumped when it changes).
+pub const LAYOUT_KEY: &str = "phi4mm.layout";
+pub const LAYOUT_VERSION: &str = "1";
 /// Suffix of a quantised tensor's scales (`{name}.scales`, f16 `[rows, cols/32]`).
 pub const SCALES_SUFFIX: &str = ".scales";
 
@@ -193,6 +196,12 @@ impl Weights {
     /// `[rows, row_bytes]`) and scales `name.scales` (f16 `[rows, cols/32]`), used in place.
     fn mapped_quant(&self, name: &str, e: &Entry, rows: usize, cols: usize) -> Result<QMatrix> {
         let bad = |message: String| Error::Checkpoint { path: self.shards[e.shard].0.clone(), message: format!("{name}: {message}") };
+        if self.metadata.get(LAYOUT_KEY).map(String::as_str) != Some(LAYOUT_VERSION) {
+            return Err(bad(format!(
+                "quantised with another layout ({LAYOUT_KEY} = {:?}, this build reads {LAYOUT_VERSION}); run `phi4mm quantize` again on the original checkpoint",
+                self.metadata.get(LAYOUT_KEY)
+            )));
+        }
         let tag = self.metadata.get(&format!("{QTYPE_KEY}{name}")).ok_or_else(|| bad("u8 tensor without a quantisation format in the metadata".into()))?;
         let qtype = QType::parse(tag)?.ok_or_else(|| bad(format!("unknown quantisation format `{tag}`")))?;
         if e.shape != [rows, qtype.row_bytes(cols)] || cols % BLOCK != 0 {

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use crate::quant::{unpack_block, QType, BLOCK};
+use crate::quant::{unpack_block, QType, BLOCK, GROUP};
 
 /// Whether this CPU has the instructions [`dot`] and [`gemm`] need.
 pub fn available() -> bool {
@@ -71,7 +71,8 @@ unsafe fn load_masked(p: *const bf16, n: usize) -> __m512bh {
 }
 
 /// Row `q`/`d` of a quantised matrix as bf16 (`d·q` rounded to nearest even, as
-/// `bf16::from_f32`), for the tiled GEMM.
+/// `bf16::from_f32`) in storage order: runs of 16 blocks come out in [`QType::run_order`]
+/// (the caller permutes the activations the same way), the blocks after them in order.
 ///
 /// # Safety
 /// Only call when [`available`] is true; `out` holds `d.len()·32` values and `q` the row's
@@ -80,36 +81,58 @@ unsafe fn load_masked(p: *const bf16, n: usize) -> __m512bh {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn dequantize(qtype: QType, q: &[u8], d: &[half::f16], out: &mut [bf16]) {
     let nb = d.len();
-    let store = |b: usize, vals: __m256i, out: &mut [bf16]| {
-        let s = _mm512_set1_ps(d[b].to_f32());
-        for h in 0..2 {
-            let part = if h == 0 { _mm256_castsi256_si128(vals) } else { _mm256_extracti128_si256(vals, 1) };
-            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part)), s);
+    let runs = nb / GROUP;
+    let bb = qtype.block_bytes();
+    // 64 signed bytes (lane j of 16 = 4 values of block j of the run) × their blocks' scales.
+    let chunk = |bytes: __m512i, scales: __m512, dst: *mut bf16| {
+        for c in 0..4 {
+            let part = match c {
+                0 => _mm512_extracti32x4_epi32::<0>(bytes),
+                1 => _mm512_extracti32x4_epi32::<1>(bytes),
+                2 => _mm512_extracti32x4_epi32::<2>(bytes),
+                _ => _mm512_extracti32x4_epi32::<3>(bytes),
+            };
+            // Values 16c..16c+16 belong to blocks 4c..4c+4, four each.
+            let idx = _mm512_add_epi32(
+                _mm512_set1_epi32(4 * c as i32),
+                _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+            );
+            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part)), _mm512_permutexvar_ps(idx, scales));
             let bh: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(f));
-            _mm256_storeu_si256(out.as_mut_ptr().add(b * BLOCK + h * 16).cast(), bh);
+            _mm256_storeu_si256(dst.add(16 * c).cast(), bh);
         }
     };
-    match qtype {
-        QType::Q8_0 => {
-            for b in 0..nb {
-                store(b, _mm256_loadu_si256(q.as_ptr().add(b * BLOCK).cast()), out);
+    for g in 0..runs {
+        let scales = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().add(g * GROUP).cast()));
+        let src = q.as_ptr().add(g * GROUP * bb);
+        let dst = out.as_mut_ptr().add(g * GROUP * BLOCK);
+        match qtype {
+            QType::Q8_0 => {
+                for t in 0..8 {
+                    chunk(_mm512_loadu_si512(src.add(64 * t).cast()), scales, dst.add(64 * t));
+                }
+            }
+            QType::Q4_0 => {
+                let (low, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
+                for t in 0..4 {
+                    let v = _mm512_loadu_si512(src.add(64 * t).cast());
+                    let lo = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
+                    let hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight);
+                    chunk(lo, scales, dst.add(128 * t));
+                    chunk(hi, scales, dst.add(128 * t + 64));
+                }
             }
         }
-        QType::Q4_0 => {
-            let low = _mm256_set1_epi8(0x0F);
-            let eight = _mm256_set1_epi8(8);
-            let mut b = 0;
-            while b + 2 <= nb {
-                let v = _mm256_loadu_si256(q.as_ptr().add(b * BLOCK / 2).cast());
-                store(b, _mm256_sub_epi8(_mm256_and_si256(v, low), eight), out);
-                store(b + 1, _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), eight), out);
-                b += 2;
-            }
-            if b < nb {
-                let mut vals = [0i8; BLOCK];
-                unpack_block(qtype, q, b, nb, &mut vals);
-                store(b, _mm256_loadu_si256(vals.as_ptr().cast()), out);
-            }
+    }
+    let mut vals = [0i8; BLOCK];
+    for b in runs * GROUP..nb {
+        unpack_block(qtype, q, b, nb, &mut vals);
+        let s = _mm512_set1_ps(d[b].to_f32());
+        for h in 0..2 {
+            let part = _mm_loadu_si128(vals.as_ptr().add(16 * h).cast());
+            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part)), s);
+            let bh: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(f));
+            _mm256_storeu_si256(out.as_mut_ptr().add(b * BLOCK + 16 * h).cast(), bh);
         }
     }
 }
@@ -213,21 +236,27 @@ mod tests {
     }
 
     #[test]
-    fn dequantise_matches_scalar() {
+    fn dequantise_matches_scalar_in_storage_order() {
         if !available() {
             return;
         }
         for qtype in [QType::Q8_0, QType::Q4_0] {
-            for k in [32, 64, 96, 3072] {
+            for k in [32, 64, 96, 512, 544, 608, 3072] {
                 let w: Vec<f32> = sample(2 * k, k as u64).iter().map(|v| v.to_f32()).collect();
                 let m = crate::quant::QMatrix::quantize(qtype, &w, 2, k).unwrap();
-                let mut want = vec![0f32; k];
+                let mut natural = vec![0f32; k];
                 let mut got = vec![bf16::ZERO; k];
-                m.dequantize_row(1, &mut want);
+                m.dequantize_row(1, &mut natural);
                 let (q, d) = m.row(1);
                 // SAFETY: features checked above; `got` holds k values.
                 unsafe { dequantize(qtype, q, d, &mut got) };
-                let want: Vec<bf16> = want.iter().map(|&v| bf16::from_f32(v)).collect();
+                let run = GROUP * BLOCK;
+                let want: Vec<bf16> = (0..k)
+                    .map(|p| {
+                        let src = if p < k / run * run { p / run * run + qtype.run_order(p % run) } else { p };
+                        bf16::from_f32(natural[src])
+                    })
+                    .collect();
                 assert_eq!(got, want, "{qtype:?} k={k}");
             }
         }

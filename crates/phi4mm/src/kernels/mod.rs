@@ -230,7 +230,7 @@ fn product(x: &Input<'_>, n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
         return match (w, x) {
             (Source::Quant(q), _) => {
                 let mut acts = QActs::default();
-                acts.quantize(&x.f32(), k);
+                acts.quantize(&x.f32(), k, q.qtype());
                 let kernel = qdot::select(q.qtype());
                 matvec(n, out, |r, i| {
                     let (wq, wd) = q.row(r);
@@ -305,6 +305,15 @@ unsafe impl Sync for SharedOut {}
 /// weight rows over the threads, each block multiplied by the register-tiled kernel.
 #[cfg(target_arch = "x86_64")]
 fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<f32> {
+    // Quantised blocks are dequantised in storage order: permute the activations to match.
+    let permuted;
+    let x = match w {
+        Source::Quant(q) => {
+            permuted = run_ordered(x, k, q.qtype());
+            &permuted[..]
+        }
+        Source::Bf16(_) => x,
+    };
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
     let nb = block_rows(k, out);
@@ -329,6 +338,22 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
         first_row += rows_x;
     }
     y
+}
+
+/// Rows of `x` `[n, k]` with every run of 512 columns put in `qtype`'s run order.
+fn run_ordered(x: &[bf16], k: usize, qtype: crate::quant::QType) -> Vec<bf16> {
+    use crate::quant::{BLOCK, GROUP};
+    let run = GROUP * BLOCK;
+    let order: Vec<usize> = (0..run).map(|p| qtype.run_order(p)).collect();
+    let mut out = x.to_vec();
+    for (src, dst) in x.chunks(k).zip(out.chunks_mut(k)) {
+        for g in 0..k / run {
+            for (p, &o) in order.iter().enumerate() {
+                dst[g * run + p] = src[g * run + o];
+            }
+        }
+    }
+    out
 }
 
 /// Prefill path without AVX-512 BF16 (or with f32 activations): widen (or dequantise) a block
@@ -478,7 +503,7 @@ mod tests {
                     let xf: Vec<f32> = xin.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                     let xr = if n <= DOT_ROWS {
                         let mut acts = QActs::default();
-                        acts.quantize(&xf, k);
+                        acts.quantize(&xf, k, qtype);
                         acts.q.iter().enumerate().map(|(i, &q)| q as f32 * acts.d[i / 32]).collect()
                     } else {
                         xf

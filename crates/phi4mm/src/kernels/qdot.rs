@@ -3,12 +3,18 @@
 //! `vec_dot_q4_0_q8_0` compute them. Integer sums are exact, so every version gives the same
 //! per-block sums; only the f32 accumulation order differs.
 //!
-//! * AVX-512 VNNI: `vpdpbusd` multiplies unsigned by signed bytes, 64 at a time (two blocks).
-//!   Q4_0 nibbles are already unsigned (0..=15); Q8_0 quants are flipped to unsigned by adding
-//!   128. The offset is taken back out with the activations' per-block `d·Σq`:
-//!   `Σ (q+c)·x = Σ q·x + c·Σ x`.
-//! * AVX2: `vpmaddubsw` on |w| and sign-adjusted x, one block at a time.
-//! * Scalar for everything else.
+//! Rows store runs of 16 blocks interleaved four bytes at a time (see `quant`), and the
+//! activations come in the same order (`QActs::qi`), so each 32-bit lane of a product
+//! accumulates one block:
+//!
+//! * AVX-512 VNNI: `vpdpbusd` (unsigned × signed bytes, 64 at a time) over a run's 64-byte
+//!   chunks leaves the 16 block sums in one register: one conversion and one multiply-add by
+//!   `d_w·d_x` per 512 weights. Q4_0 nibbles are already unsigned (0..=15) and Q8_0 quants
+//!   are made unsigned by adding 128; the offset comes back out through the activations'
+//!   per-block `d·Σq`: `Σ (q+c)·x = Σ q·x + c·Σ x`.
+//! * AVX2: the same with `vpmaddubsw` + `vpmaddwd` on 256-bit halves (|w| and sign-adjusted x
+//!   for Q8_0).
+//! * Scalar for everything else, and for the blocks after the last whole run.
 
 use half::f16;
 
@@ -18,6 +24,7 @@ use crate::quant::{unpack_block, QActs, QType, BLOCK};
 #[derive(Clone, Copy)]
 pub struct XRow<'a> {
     pub q: &'a [i8],
+    pub qi: &'a [i8],
     pub d: &'a [f32],
     pub ds: &'a [f32],
 }
@@ -28,6 +35,7 @@ impl<'a> XRow<'a> {
         let nb = k / BLOCK;
         XRow {
             q: &acts.q[i * k..(i + 1) * k],
+            qi: &acts.qi[i * k..(i + 1) * k],
             d: &acts.d[i * nb..(i + 1) * nb],
             ds: &acts.ds[i * nb..(i + 1) * nb],
         }
@@ -66,6 +74,28 @@ pub fn select(qtype: QType) -> QDot {
     }
 }
 
+/// Every kernel this CPU can run for `qtype`, fastest first (for tests and benches).
+pub fn all(qtype: QType) -> Vec<(&'static str, QDot)> {
+    let mut v: Vec<(&'static str, QDot)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            v.push(("avx512-vnni", if qtype == QType::Q8_0 { x86::q8_avx512 } else { x86::q4_avx512 }));
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            v.push(("avx2", if qtype == QType::Q8_0 { x86::q8_avx2 } else { x86::q4_avx2 }));
+        }
+    }
+    v.push(("scalar", if qtype == QType::Q8_0 { q8_scalar } else { q4_scalar }));
+    v
+}
+
 /// Portable version (also the reference the SIMD versions are tested against).
 pub fn dot_scalar(qtype: QType, w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
     blocks_scalar(qtype, w, d, x, 0)
@@ -101,110 +131,141 @@ mod x86 {
     use half::f16;
 
     use super::{blocks_scalar, XRow};
-    use crate::quant::{QType, BLOCK};
+    use crate::quant::{QType, BLOCK, GROUP};
 
-    /// Sixteen blocks at a time: scales for 16 blocks in one register, then eight 64-byte
-    /// `vpdpbusd` steps, each scaled by its two blocks' `d_w·d_x` (lanes 0–7 / 8–15).
-    /// `load(p)` returns 64 unsigned weight bytes for the block pair `p` and `offset` is the
-    /// constant added to make them unsigned.
+    /// Runs of 16 blocks: `chunks(g, a)` accumulates run `g`'s block sums into the two
+    /// accumulators (one lane per block); `offset` is the constant that made the weights
+    /// unsigned.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn sixteen_blocks<F: Fn(usize) -> __m512i>(
-        d: &[f16],
-        x: XRow<'_>,
-        load: F,
-        offset: f32,
-        qtype: QType,
-        w: &[u8],
-    ) -> f32 {
+    unsafe fn runs<F: Fn(usize, &mut [__m512i; 2])>(d: &[f16], x: XRow<'_>, chunks: F, offset: f32, qtype: QType, w: &[u8]) -> f32 {
         let nb = d.len();
         let mut acc = _mm512_setzero_ps();
         let mut corr = _mm512_setzero_ps();
-        let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let mut b = 0;
-        while b + 16 <= nb {
+        while b + GROUP <= nb {
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().add(b).cast()));
-            let dx = _mm512_loadu_ps(x.d.as_ptr().add(b));
-            let scale = _mm512_mul_ps(dw, dx);
+            let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d.as_ptr().add(b)));
             corr = _mm512_fmadd_ps(dw, _mm512_loadu_ps(x.ds.as_ptr().add(b)), corr);
-            for p in 0..8 {
-                let wv = load(b / 2 + p);
-                let xv = _mm512_loadu_si512(x.q.as_ptr().add((b + 2 * p) * BLOCK).cast());
-                let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-                let idx = _mm512_add_epi32(halves, _mm512_set1_epi32(2 * p as i32));
-                let s = _mm512_permutexvar_ps(idx, scale);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, acc);
-            }
-            b += 16;
+            let mut a = [_mm512_setzero_si512(); 2];
+            chunks(b / GROUP, &mut a);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[0], a[1])), scale, acc);
+            b += GROUP;
         }
         _mm512_reduce_add_ps(acc) - offset * _mm512_reduce_add_ps(corr) + blocks_scalar(qtype, w, d, x, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load(p: *const u8) -> __m512i {
+        _mm512_loadu_si512(p.cast())
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn q8_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
         let flip = _mm512_set1_epi8(-128);
-        let load = |p: usize| _mm512_xor_si512(_mm512_loadu_si512(w.as_ptr().add(p * 2 * BLOCK).cast()), flip);
-        sixteen_blocks(d, x, load, 128.0, QType::Q8_0, w)
+        let run = GROUP * BLOCK;
+        let chunks = |g: usize, a: &mut [__m512i; 2]| {
+            let (wp, xp) = (w.as_ptr().add(g * run), x.qi.as_ptr().add(g * run).cast::<u8>());
+            for t in 0..8 {
+                let wv = _mm512_xor_si512(load(wp.add(64 * t)), flip);
+                a[t & 1] = _mm512_dpbusd_epi32(a[t & 1], wv, load(xp.add(64 * t)));
+            }
+        };
+        runs(d, x, chunks, 128.0, QType::Q8_0, w)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn q4_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
-        // Both halves hold the pair's 32 bytes; the upper half is shifted right by 4.
-        let shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
         let low = _mm512_set1_epi8(0x0F);
-        let load = |p: usize| {
-            let v = _mm512_broadcast_i64x4(_mm256_loadu_si256(w.as_ptr().add(p * BLOCK).cast()));
-            _mm512_and_si512(_mm512_srlv_epi16(v, shifts), low)
+        let run = GROUP * BLOCK;
+        let chunks = |g: usize, a: &mut [__m512i; 2]| {
+            let (wp, xp) = (w.as_ptr().add(g * run / 2), x.qi.as_ptr().add(g * run).cast::<u8>());
+            for t in 0..4 {
+                let v = load(wp.add(64 * t));
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                a[0] = _mm512_dpbusd_epi32(a[0], lo, load(xp.add(128 * t)));
+                a[1] = _mm512_dpbusd_epi32(a[1], hi, load(xp.add(128 * t + 64)));
+            }
         };
-        sixteen_blocks(d, x, load, 8.0, QType::Q4_0, w)
+        runs(d, x, chunks, 8.0, QType::Q4_0, w)
     }
 
-    /// Eight blocks at a time with 256-bit `vpmaddubsw`; `block(b)` gives block `b`'s signed
-    /// quants.
+    /// AVX2 version of [`runs`]: two 8-lane accumulators per run (blocks 0–7 and 8–15);
+    /// `chunks(g, a)` adds 16-bit pair sums widened to 32 bits.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn eight_blocks<F: Fn(usize) -> __m256i>(d: &[f16], x: XRow<'_>, block: F, qtype: QType, w: &[u8]) -> f32 {
+    unsafe fn runs_avx2<F: Fn(usize, &mut [__m256i; 2])>(d: &[f16], x: XRow<'_>, chunks: F, offset: f32, qtype: QType, w: &[u8]) -> f32 {
         let nb = d.len();
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut scales = [0f32; 8];
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut corr = _mm256_setzero_ps();
         let mut b = 0;
-        while b + 8 <= nb {
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(b).cast()));
-            _mm256_storeu_ps(scales.as_mut_ptr(), _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(b))));
-            for (j, &s) in scales.iter().enumerate() {
-                let wv = block(b + j);
-                let xv = _mm256_loadu_si256(x.q.as_ptr().add((b + j) * BLOCK).cast());
-                let prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                let sums = _mm256_madd_epi16(prod, ones);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(sums), acc);
+        while b + GROUP <= nb {
+            let mut a = [_mm256_setzero_si256(); 2];
+            chunks(b / GROUP, &mut a);
+            for (h, (acc, a)) in acc.iter_mut().zip(a).enumerate() {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().add(b + 8 * h).cast()));
+                let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(x.d.as_ptr().add(b + 8 * h)));
+                corr = _mm256_fmadd_ps(dw, _mm256_loadu_ps(x.ds.as_ptr().add(b + 8 * h)), corr);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), scale, *acc);
             }
-            b += 8;
+            b += GROUP;
         }
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+        hsum(_mm256_add_ps(acc[0], acc[1])) - offset * hsum(corr) + blocks_scalar(qtype, w, d, x, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        _mm_cvtss_f32(s1) + blocks_scalar(qtype, w, d, x, b)
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load2(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p.cast())
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q8_avx2(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
-        eight_blocks(d, x, |b| _mm256_loadu_si256(w.as_ptr().add(b * BLOCK).cast()), QType::Q8_0, w)
+        let ones = _mm256_set1_epi16(1);
+        let run = GROUP * BLOCK;
+        let chunks = |g: usize, a: &mut [__m256i; 2]| {
+            let (wp, xp) = (w.as_ptr().add(g * run), x.qi.as_ptr().add(g * run).cast::<u8>());
+            for t in 0..8 {
+                for (h, a) in a.iter_mut().enumerate() {
+                    let wv = load2(wp.add(64 * t + 32 * h));
+                    let xv = load2(xp.add(64 * t + 32 * h));
+                    let prod = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(prod, ones));
+                }
+            }
+        };
+        runs_avx2(d, x, chunks, 0.0, QType::Q8_0, w)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_avx2(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
-        // The vector loop covers whole pairs only (8 blocks = 4 pairs), so a lone final block
-        // is always left to the scalar tail.
+        let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0F);
-        let eight = _mm256_set1_epi8(8);
-        let block = |b: usize| {
-            let v = _mm256_loadu_si256(w.as_ptr().add((b & !1) * BLOCK / 2).cast());
-            let v = if b & 1 == 0 { v } else { _mm256_srli_epi16(v, 4) };
-            _mm256_sub_epi8(_mm256_and_si256(v, low), eight)
+        let run = GROUP * BLOCK;
+        let chunks = |g: usize, a: &mut [__m256i; 2]| {
+            let (wp, xp) = (w.as_ptr().add(g * run / 2), x.qi.as_ptr().add(g * run).cast::<u8>());
+            for t in 0..4 {
+                for (h, a) in a.iter_mut().enumerate() {
+                    let v = load2(wp.add(64 * t + 32 * h));
+                    let lo = _mm256_and_si256(v, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    let p_lo = _mm256_maddubs_epi16(lo, load2(xp.add(128 * t + 32 * h)));
+                    let p_hi = _mm256_maddubs_epi16(hi, load2(xp.add(128 * t + 64 + 32 * h)));
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(_mm256_add_epi16(p_lo, p_hi), ones));
+                }
+            }
         };
-        eight_blocks(d, x, block, QType::Q4_0, w)
+        runs_avx2(d, x, chunks, 8.0, QType::Q4_0, w)
     }
 }
 
@@ -232,12 +293,12 @@ mod tests {
                 let m = QMatrix::quantize(qtype, &sample(rows * k, k as u64), rows, k)?;
                 let x = sample(k, 7 + k as u64);
                 let mut acts = QActs::default();
-                acts.quantize(&x, k);
+                acts.quantize(&x, k, qtype);
                 let xr = XRow::of(&acts, 0, k);
-                let kernel = select(qtype);
+                for (name, kernel) in all(qtype) {
                 for r in 0..rows {
                     let (w, d) = m.row(r);
-                    // SAFETY: `select` only returns kernels the CPU supports.
+                    // SAFETY: `all` only returns kernels the CPU supports.
                     let fast = unsafe { kernel(w, d, xr) };
                     let slow = dot_scalar(qtype, w, d, xr);
                     let mut wf = vec![0f32; k];
@@ -249,8 +310,9 @@ mod tests {
                         .map(|(i, (&a, &q))| a as f64 * q as f64 * acts.d[i / BLOCK] as f64)
                         .sum();
                     let tol = 1e-5 * (1.0 + exact.abs()) * (k as f64).sqrt();
-                    assert!((fast as f64 - slow as f64).abs() <= tol, "{qtype:?} k={k} r={r}: {fast} vs {slow}");
+                    assert!((fast as f64 - slow as f64).abs() <= tol, "{name} {qtype:?} k={k} r={r}: {fast} vs {slow}");
                     assert!((slow as f64 - exact).abs() <= tol, "{qtype:?} k={k} r={r}: {slow} vs {exact}");
+                }
                 }
             }
         }
