@@ -59,10 +59,14 @@ too) plus a C/C++ compiler; torch is not needed. Everything this writes goes und
    n_ctx_orig_yarn against config.json (a `.ok` stamp next to the file records the pass).
 
 5. For each precision and each of --rounds rounds, run one engine at a time, alternately:
-   `llama-bench -m FILE -p P -n N -t T -r 1 -o json` and `phi4mm bench --json --model MODEL_DIR
-   --threads T --prompt-tokens P --gen-tokens N --quant Q`. Q is `none` for bf16 (the checkpoint's
-   own bf16), q8_0 and q4_0 for those, and --phi4mm-q4k-as (default q4_0) for Q4_K_M, phi4mm's
-   nearest 4-bit format. A phi4mm run that fails (e.g. a format it does not have) is printed and
+   `llama-bench -m FILE -p P -n N -t T -r 1 -o json` and `phi4mm bench --json --text-only
+   --threads T --prompt-tokens P --gen-tokens N --model M`: for bf16 M is the checkpoint itself;
+   for q8_0 / q4_0 (and for Q4_K_M, --phi4mm-q4k-as, default q4_0, phi4mm's nearest 4-bit
+   format) M is phi4mm's own quantised copy made once by `phi4mm quantize` under
+   --work/phi4mm/ (delete it after changing phi4mm's quantised layout), which phi4mm maps as
+   llama.cpp maps its GGUF; --phi4mm-load-quant runs the checkpoint with `--quant Q` instead.
+   `--text-only` loads no image/audio encoder and no LoRA adapter, like llama.cpp's decoder-only
+   GGUF. A phi4mm run that fails (e.g. a format it does not have) is printed and
    shown as n/a. Both engines time random-token prompts; llama-bench's tg test decodes from an
    empty cache while phi4mm decodes after its P-token prompt. Peak RSS is each child's ru_maxrss
    from os.wait4 (the same measure for both; mmapped weights count once touched). Children's
@@ -533,9 +537,25 @@ def bench_llamacpp(a, bins, path, logbase):
     return r
 
 
+def ensure_phi4mm_quant(a, quant):
+    """phi4mm's own quantised copy of the checkpoint (`phi4mm quantize`), made once under --work."""
+    out = os.path.join(a.work, "phi4mm", f"{os.path.basename(a.model.rstrip('/'))}-{quant}")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    run(["nice", "-n", "10", a.phi4mm, "quantize", "--model", a.model, "--quant", quant, "--out", out,
+         "--threads", str(a.jobs)])
+    return out
+
+
 def bench_phi4mm(a, quant, logbase):
-    cmd = [a.phi4mm, "bench", "--json", "--model", a.model, "--threads", str(a.threads), "--prompt-tokens",
-           str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--quant", quant]
+    # bf16 runs the checkpoint itself; quantised formats run phi4mm's quantised file (mapped, as
+    # llama.cpp maps its GGUF) unless --phi4mm-load-quant asks for quantising at load.
+    if quant == "none" or a.phi4mm_load_quant:
+        model, qargs = a.model, ["--quant", quant]
+    else:
+        model, qargs = ensure_phi4mm_quant(a, quant), []
+    cmd = [a.phi4mm, "bench", "--json", "--model", model, "--threads", str(a.threads), "--prompt-tokens",
+           str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--text-only"] + qargs
     rc, out, err, info = run_measured(cmd, logbase)
     r = {"engine": "phi4mm", "cmd": cmd, "rc": rc, **info, "quant": quant,
          "weights_gib": None, "prefill_tok_s": None, "decode_tok_s": None}
@@ -613,6 +633,8 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--phi4mm-q4k-as", default="q4_0", help="phi4mm --quant compared with llama.cpp's Q4_K_M")
+    ap.add_argument("--phi4mm-load-quant", action="store_true",
+                    help="quantise at load (phi4mm --quant) instead of running a `phi4mm quantize` file")
     ap.add_argument("--quantize-pure", action="store_true",
                     help="llama-quantize --pure: every matrix in the one type (token_embd too)")
     ap.add_argument("--tokenizer-pre", default="gpt-4o", help="tokenizer.ggml.pre written into the GGUF")

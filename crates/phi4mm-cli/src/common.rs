@@ -29,6 +29,9 @@ pub struct ModelArgs {
     /// KV cache: auto (the compute dtype) or q8 (8-bit, half of bf16's memory; CPU only).
     #[arg(long, default_value = "auto")]
     pub kv_cache: String,
+    /// Load only the text decoder: no image or audio encoder, no LoRA adapters (less memory).
+    #[arg(long)]
+    pub text_only: bool,
 }
 
 impl ModelArgs {
@@ -77,6 +80,7 @@ impl ModelArgs {
             device: self.device()?,
             quant: phi4mm::quant::QType::parse(&self.quant)?,
             kv_cache: phi4mm::kv_cache::KvFormat::parse(&self.kv_cache)?,
+            text_only: self.text_only,
             progress: Some(Box::new(move |done, total| {
                 b.set_length(total);
                 b.set_position(done);

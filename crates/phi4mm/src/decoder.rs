@@ -95,8 +95,8 @@ impl Attention {
         let q = rope::apply(&q, cos, sin, rope.rotary_dims())?; // [h, n, d]
         let k = rope::apply(&k, cos, sin, rope.rotary_dims())?; // [kv, n, d]
         let scale = 1.0 / (d as f64).sqrt();
-        if n == 1 && cache.format() == KvFormat::Q8 {
-            // Decode over the 8-bit cache without dequantising it.
+        if n == 1 && cache.can_attend() {
+            // Decode reads the cache in place (no widened copy of every key and value).
             cache.write(layer, start, &k, &v)?;
             let qf: Vec<f32> = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?; // [h·d]
             let out = cache.attend(layer, &qf, h, start + 1, scale as f32)?;

@@ -49,6 +49,8 @@ pub struct LoadOptions {
     pub quant: Option<QType>,
     /// KV cache format: the activation dtype, or 8-bit (CPU).
     pub kv_cache: KvFormat,
+    /// Load only what text needs: no image or audio encoder, no LoRA adapters.
+    pub text_only: bool,
     /// Called with (bytes loaded, total bytes).
     pub progress: Option<ProgressFn>,
 }
@@ -60,6 +62,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             quant: None,
             kv_cache: KvFormat::Dense,
+            text_only: false,
             progress: None,
         }
     }
@@ -100,7 +103,7 @@ impl Engine {
 
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self> {
         let files = ModelFiles::locate(dir)?;
-        let config = ModelConfig::from_file(&files.config)?;
+        let mut config = ModelConfig::from_file(&files.config)?;
         // Validate the encoder descriptions now, so a bad config fails at load.
         let vision_cfg = VisionConfig::from_model_config(&config)?;
         let audio_cfg = crate::encoder_config::AudioConfig::from_model_config(&config)?;
@@ -122,15 +125,23 @@ impl Engine {
         if (opts.quant.is_some() || weights.file_quant().is_some()) && !opts.device.is_cpu() {
             return Err(Error::Request("quantised weight formats run on the CPU only; use --device cpu or no --quant".into()));
         }
+        if opts.text_only {
+            config.vision_lora = None;
+            config.speech_lora = None;
+        }
         let mut decoder = Decoder::load(&config, &weights, opts.dtype, &opts.device, opts.quant)?;
         decoder.set_kv_format(opts.kv_cache)?;
-        let vision = if VisionEncoder::present(&weights) {
+        let vision = if opts.text_only {
+            None
+        } else if VisionEncoder::present(&weights) {
             Some(VisionEncoder::load(&weights, &vision_cfg, config.hidden_size, opts.dtype, &opts.device)?)
         } else {
             tracing::warn!("the checkpoint has no image encoder: image input is disabled");
             None
         };
-        let audio = if AudioEncoder::present(&weights) {
+        let audio = if opts.text_only {
+            None
+        } else if AudioEncoder::present(&weights) {
             Some(AudioEncoder::load(&weights, &audio_cfg, config.hidden_size, opts.dtype, &opts.device)?)
         } else {
             tracing::warn!("the checkpoint has no audio encoder: audio input is disabled");
@@ -221,7 +232,7 @@ impl Engine {
             return Ok(Vec::new());
         }
         if self.audio.is_none() {
-            return Err(Error::Unsupported("this checkpoint has no audio encoder".into()));
+            return Err(Error::Unsupported("no audio encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()));
         }
         req.audios
             .iter()
@@ -260,7 +271,7 @@ impl Engine {
             return Ok((Vec::new(), self.max_crops));
         }
         if self.vision.is_none() {
-            return Err(Error::Unsupported("this checkpoint has no image encoder".into()));
+            return Err(Error::Unsupported("no image encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()));
         }
         if req.images.len() > MAX_IMAGES {
             return Err(Error::Request(format!(
@@ -425,7 +436,7 @@ impl Engine {
             let audio = self
                 .audio
                 .as_ref()
-                .ok_or_else(|| Error::Unsupported("this checkpoint has no audio encoder".into()))?;
+                .ok_or_else(|| Error::Unsupported("no audio encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
             let which = if prepared.mode == Mode::VisionSpeech { Projector::Vision } else { Projector::Speech };
             let progress = self.encode_progress.as_ref().map(|f| f.as_ref() as &dyn Fn(usize, usize));
             let encoded = audio.encode(&prepared.audios, progress)?;
@@ -440,7 +451,7 @@ impl Engine {
         let vision = self
             .vision
             .as_ref()
-            .ok_or_else(|| Error::Unsupported("this checkpoint has no image encoder".into()))?;
+            .ok_or_else(|| Error::Unsupported("no image encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
         let feats: Vec<Tensor> = prepared
             .images
             .iter()

@@ -232,24 +232,82 @@ impl KvCache {
         Ok(())
     }
 
-    /// Single-query attention over positions `0..len` of `layer` of the 8-bit cache: `q`
-    /// `[heads, head_dim]` (f32, heads grouped under KV heads in order) → `[heads, head_dim]`
-    /// f32. Softmax in f32; no mask (every cached position precedes the query).
+    /// Whether [`KvCache::attend`] works on this cache (CPU, f32/bf16/8-bit).
+    pub fn can_attend(&self) -> bool {
+        match &self.store {
+            Store::Q8(_) => true,
+            Store::Dense(l) => l.first().is_some_and(|(k, _)| k.device().is_cpu() && matches!(k.dtype(), DType::F32 | DType::BF16)),
+        }
+    }
+
+    /// Single-query attention over positions `0..len` of `layer`, reading the cache in place:
+    /// `q` `[heads, head_dim]` (f32, heads grouped under KV heads in order) →
+    /// `[heads, head_dim]` f32. Softmax in f32; no mask (every cached position precedes the
+    /// query).
     pub fn attend(&self, layer: usize, q: &[f32], heads: usize, len: usize, scale: f32) -> Result<Vec<f32>> {
-        let Store::Q8(layers) = &self.store else {
-            return Err(Error::Request("direct attention needs the 8-bit cache".into()));
-        };
-        let c = layers.get(layer).ok_or_else(|| Error::Request(format!("KV cache has no layer {layer}")))?;
+        let missing = || Error::Request(format!("KV cache has no layer {layer}"));
+        match &self.store {
+            Store::Q8(layers) => {
+                let c = layers.get(layer).ok_or_else(missing)?;
+                Ok(self.attend_with(q, heads, len, scale, (&c.k, Some(&c.ks)), (&c.v, Some(&c.vs)), |x: i8| x as f32))
+            }
+            Store::Dense(layers) => {
+                let (k, v) = layers.get(layer).ok_or_else(missing)?;
+                let (ks, kl) = k.storage_and_layout();
+                let (vs, vl) = v.storage_and_layout();
+                let n = self.kv_heads * self.capacity * self.head_dim;
+                let (ko, vo) = (kl.start_offset(), vl.start_offset());
+                use candle_core::{CpuStorage, Storage};
+                match (&*ks, &*vs) {
+                    (Storage::Cpu(CpuStorage::BF16(kd)), Storage::Cpu(CpuStorage::BF16(vd))) => Ok(self.attend_with(
+                        q, heads, len, scale,
+                        (&kd[ko..ko + n], None),
+                        (&vd[vo..vo + n], None),
+                        |x: half::bf16| f32::from_bits((x.to_bits() as u32) << 16),
+                    )),
+                    (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) => {
+                        Ok(self.attend_with(q, heads, len, scale, (&kd[ko..ko + n], None), (&vd[vo..vo + n], None), |x: f32| x))
+                    }
+                    _ => Err(Error::Request("direct attention needs an f32, bf16 or 8-bit cache on the CPU".into())),
+                }
+            }
+        }
+    }
+
+    /// [`KvCache::attend`] over `[kv_heads, capacity, head_dim]` keys and values of any element
+    /// type (`to_f32` widens one; optional per-position scales for the 8-bit cache).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_with<T: Copy + Sync>(
+        &self,
+        q: &[f32],
+        heads: usize,
+        len: usize,
+        scale: f32,
+        (k, ks): (&[T], Option<&Vec<f32>>),
+        (v, vs): (&[T], Option<&Vec<f32>>),
+        to_f32: impl Fn(T) -> f32 + Sync,
+    ) -> Vec<f32> {
         let (kvh, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
-        let group = heads / kvh.max(1);
+        let group = (heads / kvh.max(1)).max(1);
         let mut out = vec![0f32; heads * d];
         out.par_chunks_mut(d).enumerate().for_each(|(h, o)| {
-            let kv = h / group.max(1);
+            let kv = h / group;
             let qh = &q[h * d..(h + 1) * d];
             let mut scores: Vec<f32> = (0..len)
                 .map(|p| {
                     let at = kv * cap + p;
-                    dot_i8(qh, &c.k[at * d..(at + 1) * d]) * c.ks[at] * scale
+                    let row = &k[at * d..(at + 1) * d];
+                    let mut acc = [0f32; 16];
+                    for (qc, kc) in qh.chunks_exact(16).zip(row.chunks_exact(16)) {
+                        for i in 0..16 {
+                            acc[i] += qc[i] * to_f32(kc[i]);
+                        }
+                    }
+                    let mut s: f32 = acc.iter().sum();
+                    for i in d / 16 * 16..d {
+                        s += qh[i] * to_f32(row[i]);
+                    }
+                    s * ks.map_or(1.0, |ks| ks[at]) * scale
                 })
                 .collect();
             let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -260,13 +318,13 @@ impl KvCache {
             }
             for (p, &w) in scores.iter().enumerate() {
                 let at = kv * cap + p;
-                let f = w / sum * c.vs[at];
-                for (o, &x) in o.iter_mut().zip(&c.v[at * d..(at + 1) * d]) {
-                    *o += f * x as f32;
+                let f = w / sum * vs.map_or(1.0, |vs| vs[at]);
+                for (o, &x) in o.iter_mut().zip(&v[at * d..(at + 1) * d]) {
+                    *o += f * to_f32(x);
                 }
             }
         });
-        Ok(out)
+        out
     }
 
     /// Makes room for at least `needed` positions, growing by doubling (up to `limit`) and
@@ -368,23 +426,6 @@ fn quantize_row(x: &[f32], out: &mut [i8]) -> f32 {
         *o = (v * inv).round() as i8;
     }
     scale
-}
-
-/// `Σ q[i]·k[i]` with int8 `k` (eight lanes so the compiler vectorises it).
-#[inline]
-fn dot_i8(q: &[f32], k: &[i8]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = q.len() / 16;
-    for c in 0..chunks {
-        for i in 0..16 {
-            acc[i] += q[c * 16 + i] * k[c * 16 + i] as f32;
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 16..q.len() {
-        s += q[i] * k[i] as f32;
-    }
-    s
 }
 
 #[cfg(test)]

@@ -165,3 +165,21 @@ fn request_errors() {
     req.sampling.top_p = 0.0;
     assert!(engine.generate(&req, |_| true).unwrap_err().to_string().contains("top_p"));
 }
+
+#[test]
+fn text_only_load_skips_media_and_says_so() {
+    let opts = LoadOptions { dtype: DType::F32, text_only: true, ..Default::default() };
+    let engine = Engine::load(&tiny(), opts).unwrap();
+    assert!(engine.vision().is_none() && engine.audio().is_none());
+    assert!(!engine.decoder().has_adapter(phi4mm::lora::Adapter::Vision));
+    let full = load(&tiny()).unwrap();
+    assert!(engine.decoder_bytes().1 == 0 && full.decoder_bytes().1 > 0, "no LoRA bytes when text-only");
+    // Text still matches the full load exactly.
+    let mut req = GenerateRequest::new(PromptInput::Raw("Hello".into()));
+    req.max_new_tokens = 4;
+    assert_eq!(engine.generate(&req, |_| true).unwrap().tokens, full.generate(&req, |_| true).unwrap().tokens);
+    let mut req = GenerateRequest::new(PromptInput::Chat(vec![Message::new("user", "<|image_1|>What is this?")]));
+    req.images = vec![MediaInput::Path(fixtures().join("images/gray_640x480.png"))];
+    let e = engine.prepare(&req).err().unwrap().to_string();
+    assert!(e.contains("text-only"), "{e}");
+}

@@ -284,13 +284,14 @@ fn matvec(n: usize, out: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f
     y
 }
 
-/// Weight rows per L2 block (a multiple of the tile's 6 rows).
+/// Weight rows per L2 block (a multiple of the register tile's rows).
 fn block_rows(k: usize, out: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let by_cache = (W_BLOCK_BYTES / (2 * k.max(1))).max(6) / 6 * 6;
+    let tile = bf16dot::NR;
+    let by_cache = (W_BLOCK_BYTES / (2 * k.max(1))).max(tile) / tile * tile;
     // Enough blocks for every thread to get several.
-    let by_balance = (out.div_ceil(threads * 4)).div_ceil(6) * 6;
-    by_cache.min(by_balance.max(6))
+    let by_balance = (out.div_ceil(threads * 4)).div_ceil(tile) * tile;
+    by_cache.min(by_balance.max(tile))
 }
 
 /// A pointer that tasks write disjoint parts through.
