@@ -38,6 +38,11 @@ pub unsafe fn dot(x: &[bf16], w: &[bf16]) -> f32 {
     let mut acc = [_mm512_setzero_ps(); 2];
     let mut i = 0;
     while i + 64 <= k {
+        // Weights 4 KiB ahead: decode is bound by memory bandwidth, and more misses in flight
+        // than the hardware prefetcher keeps took bf16 decode from 3.9 to 4.7 tok/s (the same
+        // for the quantised kernels made them slower).
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + 2048).cast());
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + 2048 + 32).cast());
         for (h, a) in acc.iter_mut().enumerate() {
             let xv = load(x.as_ptr().add(i + 32 * h));
             let wv = load(w.as_ptr().add(i + 32 * h));
