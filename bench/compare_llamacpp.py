@@ -66,9 +66,10 @@ too) plus a C/C++ compiler; torch is not needed. Everything this writes goes und
    --work/phi4mm/ (delete it after changing phi4mm's quantised layout), which phi4mm maps as
    llama.cpp maps its GGUF; --phi4mm-load-quant runs the checkpoint with `--quant Q` instead.
    `--text-only` loads no image/audio encoder and no LoRA adapter, like llama.cpp's decoder-only
-   GGUF. A phi4mm run that fails (e.g. a format it does not have) is printed and
-   shown as n/a. Both engines time random-token prompts; llama-bench's tg test decodes from an
-   empty cache while phi4mm decodes after its P-token prompt. Peak RSS is each child's ru_maxrss
+   GGUF. As llama-bench runs pp and tg as separate tests, phi4mm runs twice per round: prefill
+   from `--prompt-tokens P --gen-tokens 1`, decode from `--prompt-tokens 1 --gen-tokens N`
+   (peak RSS is the larger of the two). A phi4mm run that fails (e.g. a format it does not have) is printed and
+   shown as n/a. Both engines time random-token prompts and decode from a (nearly) empty cache. Peak RSS is each child's ru_maxrss
    from os.wait4 (the same measure for both; mmapped weights count once touched). Children's
    output is kept in --work/logs. /proc/stat is read around every timed run to tell how many cores
    other processes kept busy meanwhile; above 0.3 the table carries a warning (a busy machine
@@ -554,9 +555,14 @@ def bench_phi4mm(a, quant, logbase):
         model, qargs = a.model, ["--quant", quant]
     else:
         model, qargs = ensure_phi4mm_quant(a, quant), []
-    cmd = [a.phi4mm, "bench", "--json", "--model", model, "--threads", str(a.threads), "--prompt-tokens",
-           str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens), "--text-only"] + qargs
-    rc, out, err, info = run_measured(cmd, logbase)
+    # Like llama-bench's separate pp and tg tests: prefill timed on a P-token prompt (one token
+    # generated), decode timed on N tokens after a one-token prompt.
+    base = [a.phi4mm, "bench", "--json", "--model", model, "--threads", str(a.threads), "--text-only"] + qargs
+    pp = run_phi4mm_json(base + ["--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", "1"], logbase + "-pp")
+    cmd = base + ["--prompt-tokens", "1", "--gen-tokens", str(a.gen_tokens)]
+    rc, out, err, info = run_measured(cmd, logbase + "-tg")
+    if pp is not None:
+        info["peak_rss_kib"] = max(info["peak_rss_kib"], pp[1]["peak_rss_kib"])
     r = {"engine": "phi4mm", "cmd": cmd, "rc": rc, **info, "quant": quant,
          "weights_gib": None, "prefill_tok_s": None, "decode_tok_s": None}
     if rc != 0:
@@ -570,9 +576,22 @@ def bench_phi4mm(a, quant, logbase):
     if not isinstance(rep, dict):
         log(f"phi4mm: last stdout line is not a JSON object:\n{tail(out)}")
         return r
-    r.update(raw=rep, prefill_tok_s=rep.get("prefill_tok_s"), decode_tok_s=rep.get("decode_tok_s"),
+    r.update(raw=rep, prefill_tok_s=pp[0].get("prefill_tok_s") if pp else None, decode_tok_s=rep.get("decode_tok_s"),
              weights_gib=rep.get("decoder_gib"), format=rep.get("format"))
     return r
+
+
+def run_phi4mm_json(cmd, logbase):
+    """One `phi4mm bench --json` run: (its report, run info), or None if it failed."""
+    rc, out, err, info = run_measured(cmd, logbase)
+    lines = out.strip().splitlines()
+    if rc != 0 or not lines:
+        log(f"phi4mm failed (rc {rc}):\n{tail(err)}")
+        return None
+    try:
+        return json.loads(lines[-1]), info
+    except json.JSONDecodeError:
+        return None
 
 
 def best(runs, key, fn=max):
