@@ -65,19 +65,35 @@ impl EncoderLayer {
         // tensors here, and the CPU backend has no bf16 GEMM (it would widen them per call).
         let f32 = |t: Tensor| t.to_dtype(DType::F32);
         let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // [b, heads, p, p]
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attn = probs.matmul(&v)?.to_dtype(x.dtype())?.transpose(1, 2)?.reshape((b * p, h))?;
+        let q = (q * (1.0 / (d as f64).sqrt()))?;
+        // One crop and a few heads at a time: the whole score tensor would be
+        // [b, heads, p, p] (470 MB per layer for 7 crops), allocated and streamed four times.
+        let mut parts = Vec::with_capacity(b);
+        for i in 0..b {
+            let mut heads = Vec::new();
+            for h0 in (0..self.heads).step_by(ATTN_HEADS) {
+                let n = ATTN_HEADS.min(self.heads - h0);
+                let piece = |t: &Tensor| t.narrow(0, i, 1)?.narrow(1, h0, n);
+                let scores = piece(&q)?.matmul(&piece(&k)?.t()?)?; // [1, n, p, p]
+                let scores = match mask {
+                    Some(m) => scores.broadcast_add(&m.narrow(0, i, 1)?)?,
+                    None => scores,
+                };
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                heads.push(probs.matmul(&piece(&v)?)?); // [1, n, p, d]
+            }
+            parts.push(Tensor::cat(&heads, 1)?);
+        }
+        let attn = Tensor::cat(&parts, 0)?.to_dtype(x.dtype())?.transpose(1, 2)?.reshape((b * p, h))?;
         let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
         let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
         let m = self.fc2.forward(&self.fc1.forward(&flat)?.gelu()?)?; // tanh GELU
         Ok((x + m.reshape((b, p, h))?)?)
     }
 }
+
+/// Heads whose attention scores are computed at once (4 × 1024² f32 = 16 MB per crop).
+const ATTN_HEADS: usize = 4;
 
 /// The whole image encoder.
 #[derive(Debug, Clone)]
