@@ -231,13 +231,7 @@ mod tests {
     use super::*;
 
     fn sample(n: usize, seed: u64) -> Vec<bf16> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                bf16::from_f32((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-            })
-            .collect()
+        crate::quant::test_values(n, seed).into_iter().map(bf16::from_f32).collect()
     }
 
     fn exact(x: &[bf16], w: &[bf16]) -> f64 {

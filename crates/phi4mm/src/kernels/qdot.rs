@@ -272,17 +272,8 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::QMatrix;
+    use crate::quant::{test_values as sample, QMatrix};
 
-    fn sample(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
 
     #[test]
     fn simd_matches_scalar_and_dequantised_product() -> crate::error::Result<()> {
