@@ -79,7 +79,7 @@ impl EncoderLayer {
                     Some(m) => scores.broadcast_add(&m.narrow(0, i, 1)?)?,
                     None => scores,
                 };
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let probs = crate::kernels::elementwise::softmax_last_dim(&scores)?;
                 heads.push(probs.matmul(&piece(&v)?)?); // [1, n, p, d]
             }
             parts.push(Tensor::cat(&heads, 1)?);
@@ -87,7 +87,7 @@ impl EncoderLayer {
         let attn = Tensor::cat(&parts, 0)?.to_dtype(x.dtype())?.transpose(1, 2)?.reshape((b * p, h))?;
         let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
         let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
-        let m = self.fc2.forward(&self.fc1.forward(&flat)?.gelu()?)?; // tanh GELU
+        let m = self.fc2.forward(&crate::kernels::elementwise::gelu_tanh(&self.fc1.forward(&flat)?)?)?; // tanh GELU
         Ok((x + m.reshape((b, p, h))?)?)
     }
 }

@@ -16,6 +16,7 @@
 //! one persistent pool.
 
 mod bf16dot;
+pub mod elementwise;
 pub mod qdot;
 
 use std::borrow::Cow;
