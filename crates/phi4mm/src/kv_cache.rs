@@ -224,7 +224,7 @@ impl KvCache {
                     for (i, row) in src.chunks(d).enumerate() {
                         let (head, p) = (i / n, start + i % n);
                         let at = head * cap + p;
-                        scales[at] = quantize_row(row, &mut dst[at * d..(at + 1) * d]);
+                        scales[at] = crate::quant::quantize_i8(row, &mut dst[at * d..(at + 1) * d]);
                     }
                 }
             }
@@ -417,16 +417,6 @@ impl KvCache {
     }
 }
 
-/// int8 quantisation of one vector; returns its scale.
-fn quantize_row(x: &[f32], out: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = amax / 127.0;
-    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = (v * inv).round() as i8;
-    }
-    scale
-}
 
 #[cfg(test)]
 mod tests {

@@ -210,15 +210,7 @@ impl QMatrix {
                 w.len()
             )));
         }
-        let rb = qtype.row_bytes(cols);
-        let nb = cols / BLOCK;
-        let mut qs = vec![0u8; rows * rb];
-        let mut d = vec![f16::ZERO; rows * nb];
-        qs.par_chunks_mut(rb.max(1))
-            .zip(d.par_chunks_mut(nb.max(1)))
-            .zip(w.par_chunks(cols.max(1)))
-            .for_each(|((q, d), x)| quantize_row(qtype, x, q, d));
-        Ok(QMatrix { qtype, rows, cols, qs: Bytes::Owned(qs), d: Scales::Owned(d) })
+        QMatrix::quantize_rows(qtype, rows, cols, |r, out| out.copy_from_slice(&w[r * cols..(r + 1) * cols]))
     }
 
     /// Quantises a `[rows, cols]` matrix whose row `r` `fill(r, buf)` writes as f32 (rows in
@@ -310,13 +302,39 @@ pub fn quantize_row(qtype: QType, x: &[f32], q: &mut [u8], d: &mut [f16]) {
 
 /// One Q8_0 block: int8 quants (as bytes) into `q`, returns the scale.
 fn quantize_block_q8(x: &[f32], q: &mut [u8; BLOCK]) -> f16 {
+    let mut v = [0i8; BLOCK];
+    let scale = quantize_i8(x, &mut v);
+    for (o, v) in q.iter_mut().zip(v) {
+        *o = v as u8;
+    }
+    f16::from_f32(scale)
+}
+
+/// The Q8_0 rule for any vector: `q = round(x / d)` with `d = max|x| / 127`; returns `d`.
+/// (Weights' blocks, activations' blocks and the 8-bit KV cache all use it.)
+pub fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
     let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
     for (o, v) in q.iter_mut().zip(x) {
-        *o = ((v * inv).round() as i8) as u8;
+        *o = (v * inv).round() as i8;
     }
-    f16::from_f32(scale)
+    scale
+}
+
+/// Copies rows of `src` `[n, k]` to `dst` with every run of 512 columns put in `qtype`'s run
+/// order (the columns after the last whole run stay in place).
+pub fn to_run_order<T: Copy>(src: &[T], dst: &mut [T], k: usize, qtype: QType) {
+    let run = GROUP * BLOCK;
+    let order: Vec<usize> = (0..run).map(|p| qtype.run_order(p)).collect();
+    dst.copy_from_slice(src);
+    for (src, dst) in src.chunks(k.max(1)).zip(dst.chunks_mut(k.max(1))) {
+        for g in 0..k / run {
+            for (p, &o) in order.iter().enumerate() {
+                dst[g * run + p] = src[g * run + o];
+            }
+        }
+    }
 }
 
 /// One Q4_0 block: unsigned quants (0..=15) into `q`, returns the scale.
@@ -412,31 +430,13 @@ impl QActs {
         self.d.resize(blocks, 0.0);
         self.ds.resize(blocks, 0.0);
         for b in 0..blocks {
-            let xs = &x[b * BLOCK..(b + 1) * BLOCK];
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (o, v) in self.q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(xs) {
-                let q = (v * inv).round() as i8;
-                sum += q as i32;
-                *o = q;
-            }
+            let q = &mut self.q[b * BLOCK..(b + 1) * BLOCK];
+            let scale = quantize_i8(&x[b * BLOCK..(b + 1) * BLOCK], q);
             self.d[b] = scale;
-            self.ds[b] = scale * sum as f32;
+            self.ds[b] = scale * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
         }
-        self.qi.clear();
-        self.qi.extend_from_slice(&self.q);
-        let run = GROUP * BLOCK;
-        let order: Vec<usize> = (0..run).map(|p| qtype.run_order(p)).collect();
-        for row in 0..x.len() / k.max(1) {
-            for g in 0..k / run {
-                let base = row * k + g * run;
-                for (p, &src) in order.iter().enumerate() {
-                    self.qi[base + p] = self.q[base + src];
-                }
-            }
-        }
+        self.qi.resize(x.len(), 0);
+        to_run_order(&self.q, &mut self.qi, k, qtype);
     }
 }
 

@@ -311,7 +311,9 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
     let permuted;
     let x = match w {
         Source::Quant(q) => {
-            permuted = run_ordered(x, k, q.qtype());
+            let mut p = vec![bf16::ZERO; x.len()];
+            crate::quant::to_run_order(x, &mut p, k, q.qtype());
+            permuted = p;
             &permuted[..]
         }
         Source::Bf16(_) => x,
@@ -340,22 +342,6 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
         first_row += rows_x;
     }
     y
-}
-
-/// Rows of `x` `[n, k]` with every run of 512 columns put in `qtype`'s run order.
-fn run_ordered(x: &[bf16], k: usize, qtype: crate::quant::QType) -> Vec<bf16> {
-    use crate::quant::{BLOCK, GROUP};
-    let run = GROUP * BLOCK;
-    let order: Vec<usize> = (0..run).map(|p| qtype.run_order(p)).collect();
-    let mut out = x.to_vec();
-    for (src, dst) in x.chunks(k).zip(out.chunks_mut(k)) {
-        for g in 0..k / run {
-            for (p, &o) in order.iter().enumerate() {
-                dst[g * run + p] = src[g * run + o];
-            }
-        }
-    }
-    out
 }
 
 /// Prefill path without AVX-512 BF16 (or with f32 activations): widen (or dequantise) a block
