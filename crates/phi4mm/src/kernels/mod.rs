@@ -445,50 +445,51 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn reference(x: &Tensor, w: &Tensor) -> Vec<f32> {
-        let xf = x.to_dtype(DType::F32).unwrap();
-        let wf = w.to_dtype(DType::F32).unwrap();
-        xf.matmul(&wf.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    fn reference(x: &Tensor, w: &Tensor) -> crate::error::Result<Vec<f32>> {
+        let xf = x.to_dtype(DType::F32)?;
+        let wf = w.to_dtype(DType::F32)?;
+        Ok(xf.matmul(&wf.t()?)?.flatten_all()?.to_vec1()?)
     }
 
     #[test]
-    fn matches_f32_matmul_on_both_paths() {
+    fn matches_f32_matmul_on_both_paths() -> crate::error::Result<()> {
         let dev = Device::Cpu;
         for (n, k, out) in [(1, 100, 37), (3, 64, 129), (9, 300, 70), (130, 77, 200), (600, 40, 70)] {
-            let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
-            let got: Vec<f32> = linear(&x, &w).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let want = reference(&x, &w);
+            let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (out, k), &dev)?.to_dtype(DType::BF16)?;
+            let got: Vec<f32> = linear(&x, &w)?.flatten_all()?.to_vec1()?;
+            let want = reference(&x, &w)?;
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "n={n} k={k} out={out}: {a} vs {b}");
             }
             // bf16 input → bf16 output.
-            let xb = x.to_dtype(DType::BF16).unwrap();
-            let yb = linear(&xb, &w).unwrap();
+            let xb = x.to_dtype(DType::BF16)?;
+            let yb = linear(&xb, &w)?;
             assert_eq!(yb.dtype(), DType::BF16);
             assert_eq!(yb.dims(), &[n, out]);
         }
+        Ok(())
     }
 
     #[test]
-    fn quantised_matrix_matches_dequantised_product() {
+    fn quantised_matrix_matches_dequantised_product() -> crate::error::Result<()> {
         use crate::quant::QType;
         let dev = Device::Cpu;
         for qtype in [QType::Q8_0, QType::Q4_0] {
             for (n, k, out) in [(1, 64, 37), (3, 96, 50), (9, 3072, 20), (70, 160, 130)] {
-                let wf = Tensor::randn(0f32, 1.0, (out, k), &dev).unwrap();
-                let q = QMatrix::quantize(qtype, &wf.flatten_all().unwrap().to_vec1().unwrap(), out, k).unwrap();
+                let wf = Tensor::randn(0f32, 1.0, (out, k), &dev)?;
+                let q = QMatrix::quantize(qtype, &wf.flatten_all()?.to_vec1()?, out, k)?;
                 let mut deq = vec![0f32; out * k];
                 for r in 0..out {
                     q.dequantize_row(r, &mut deq[r * k..(r + 1) * k]);
                 }
-                let wd = Tensor::from_vec(deq, (out, k), &dev).unwrap();
+                let wd = Tensor::from_vec(deq, (out, k), &dev)?;
                 let m = Matrix::Quant(Arc::new(q));
-                let x = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-                for xin in [x.clone(), x.to_dtype(DType::BF16).unwrap()] {
+                let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+                for xin in [x.clone(), x.to_dtype(DType::BF16)?] {
                     // What the kernel multiplies: decode quantises the activations to int8
                     // per block, prefill takes them as they are (bf16 or f32).
-                    let xf: Vec<f32> = xin.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let xf: Vec<f32> = xin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     let xr = if n <= DOT_ROWS {
                         let mut acts = QActs::default();
                         acts.quantize(&xf, k, qtype);
@@ -498,14 +499,14 @@ mod tests {
                     };
                     // The tiled bf16 path dequantises weight blocks to bf16 first.
                     let wr = if n > DOT_ROWS && xin.dtype() == DType::BF16 && bf16dot::available() {
-                        wd.to_dtype(DType::BF16).unwrap()
+                        wd.to_dtype(DType::BF16)?
                     } else {
                         wd.clone()
                     };
-                    let want = reference(&Tensor::from_vec(xr, (n, k), &dev).unwrap(), &wr);
-                    let y = m.forward(&xin).unwrap();
+                    let want = reference(&Tensor::from_vec(xr, (n, k), &dev)?, &wr)?;
+                    let y = m.forward(&xin)?;
                     assert_eq!(y.dtype(), xin.dtype());
-                    let got: Vec<f32> = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let got: Vec<f32> = y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     let tol = if xin.dtype() == DType::BF16 { 1e-2 } else { 1e-4 };
                     for (a, b) in got.iter().zip(&want) {
                         assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{qtype:?} n={n} k={k}: {a} vs {b}");
@@ -513,5 +514,6 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 }
