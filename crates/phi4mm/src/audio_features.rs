@@ -121,7 +121,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mel_matrix_matches_spec() {
+    fn mel_matrix_matches_spec() -> crate::error::Result<()> {
         let m = mel_matrix();
         // Filter 0 is bin 1 only, weight ≈ 0.5757; DC and bins ≥ 246 are always zero.
         let f0: Vec<(usize, f32)> = (0..N_BINS).filter(|&k| m[k] != 0.0).map(|k| (k, m[k])).collect();
@@ -133,25 +133,28 @@ mod tests {
             assert!((246..N_BINS).all(|k| m[j * N_BINS + k] == 0.0));
             assert!((0..N_BINS).any(|k| m[j * N_BINS + k] > 0.0), "filter {j} is empty");
         }
+        Ok(())
     }
 
     #[test]
-    fn token_counts_match_spec_examples() {
+    fn token_counts_match_spec_examples() -> crate::error::Result<()> {
         for (n, tokens) in [(160_000, 125), (16_000, 13), (480_000, 375), (720_000, 563)] {
-            assert_eq!(num_frames(n, 16_000).unwrap().div_ceil(8), tokens, "{n} samples");
+            assert_eq!(num_frames(n, 16_000)?.div_ceil(8), tokens, "{n} samples");
         }
+        Ok(())
     }
 
     #[test]
-    fn token_counts_and_short_audio() {
-        assert_eq!(num_frames(160_000, 16_000).unwrap(), 998);
+    fn token_counts_and_short_audio() -> crate::error::Result<()> {
+        assert_eq!(num_frames(160_000, 16_000)?, 998);
         assert!(num_frames(399, 16_000).unwrap_err().to_string().contains("too short"));
         let a = ModelAudio { samples: vec![0.0; 16_000], sample_rate: 16_000 };
-        let f = log_mel(&a).unwrap();
+        let f = log_mel(&a)?;
         assert_eq!((f.frames, f.num_tokens()), (98, 13));
         // Silence hits the floor: ln(1) = 0.
         assert!(f.data.iter().all(|&v| v == 0.0));
         let a8 = ModelAudio { samples: vec![0.0; 8_000], sample_rate: 8_000 };
-        assert_eq!(log_mel(&a8).unwrap().frames, 98);
+        assert_eq!(log_mel(&a8)?.frames, 98);
+        Ok(())
     }
 }

@@ -170,12 +170,13 @@ mod tests {
     }
 
     #[test]
-    fn int16_is_exact_and_stereo_is_averaged() {
-        let w = decode_audio(wav(&[0, 16384, -32768, 32767], 16000, 1), &AudioLimits::default()).unwrap();
+    fn int16_is_exact_and_stereo_is_averaged() -> crate::error::Result<()> {
+        let w = decode_audio(wav(&[0, 16384, -32768, 32767], 16000, 1), &AudioLimits::default())?;
         assert_eq!(w.sample_rate, 16000);
         assert_eq!(w.samples, vec![0.0, 0.5, -1.0, 32767.0 / 32768.0]);
-        let w = decode_audio(wav(&[100, 300, -50, 50], 48000, 2), &AudioLimits::default()).unwrap();
+        let w = decode_audio(wav(&[100, 300, -50, 50], 48000, 2), &AudioLimits::default())?;
         assert_eq!(w.samples, vec![200.0 / 32768.0, 0.0]);
+        Ok(())
     }
 
     /// A WAV file with raw little-endian sample bytes.
@@ -192,25 +193,26 @@ mod tests {
     }
 
     #[test]
-    fn eight_24_32_bit_and_float_wav() {
+    fn eight_24_32_bit_and_float_wav() -> crate::error::Result<()> {
         let lim = AudioLimits::default();
         // 8-bit is unsigned with 128 as zero.
-        let w = decode_audio(wav_raw(1, 8, &[128, 192, 0]), &lim).unwrap();
+        let w = decode_audio(wav_raw(1, 8, &[128, 192, 0]), &lim)?;
         assert_eq!(w.samples, vec![0.0, 0.5, -1.0]);
         // 24-bit: 0x400000 = 0.5.
-        let w = decode_audio(wav_raw(1, 24, &[0, 0, 0x40, 0, 0, 0xC0]), &lim).unwrap();
+        let w = decode_audio(wav_raw(1, 24, &[0, 0, 0x40, 0, 0, 0xC0]), &lim)?;
         assert_eq!(w.samples, vec![0.5, -0.5]);
         // 32-bit int: 0x40000000 = 0.5.
-        let w = decode_audio(wav_raw(1, 32, &[0, 0, 0, 0x40, 0, 0, 0, 0xC0]), &lim).unwrap();
+        let w = decode_audio(wav_raw(1, 32, &[0, 0, 0, 0x40, 0, 0, 0, 0xC0]), &lim)?;
         assert_eq!(w.samples, vec![0.5, -0.5]);
         // IEEE float 32.
         let data: Vec<u8> = [0.25f32, -0.75].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let w = decode_audio(wav_raw(3, 32, &data), &lim).unwrap();
+        let w = decode_audio(wav_raw(3, 32, &data), &lim)?;
         assert_eq!(w.samples, vec![0.25, -0.75]);
+        Ok(())
     }
 
     #[test]
-    fn bad_audio_is_a_clear_error() {
+    fn bad_audio_is_a_clear_error() -> crate::error::Result<()> {
         let lim = AudioLimits::default();
         let msg = |r: Result<Waveform>| r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg(decode_audio(vec![], &lim)).contains("empty"));
@@ -230,5 +232,6 @@ mod tests {
         }
         let short = AudioLimits { max_seconds: 0.0001, ..lim };
         assert!(msg(decode_audio(wav(&[0; 1600], 16000, 1), &short)).contains("limit"));
+        Ok(())
     }
 }

@@ -347,7 +347,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_counts_match_spec_examples() {
+    fn token_counts_match_spec_examples() -> crate::error::Result<()> {
         for (w, h, n) in [
             (1280, 720, 1596),
             (1344, 896, 1841),
@@ -359,14 +359,15 @@ mod tests {
             (4000, 300, 1868),
             (8000, 1000, 8497),
         ] {
-            assert_eq!(Layout::new(w, h, 36).unwrap().num_tokens, n, "{w}x{h}");
+            assert_eq!(Layout::new(w, h, 36)?.num_tokens, n, "{w}x{h}");
         }
+        Ok(())
     }
 
     #[test]
-    fn spec_example_1280x720() {
+    fn spec_example_1280x720() -> crate::error::Result<()> {
         let img = RgbImage { width: 1280, height: 720, data: vec![0; 1280 * 720 * 3] };
-        let p = PreparedImage::new(&img, 36).unwrap();
+        let p = PreparedImage::new(&img, 36)?;
         assert_eq!(p.grid, (3, 2));
         assert_eq!((p.canvas.width, p.canvas.height), (1344, 896));
         assert_eq!(p.num_tokens, 1596);
@@ -375,25 +376,28 @@ mod tests {
         assert_eq!(p.canvas.data[(890 * 1344) * 3], 255);
         assert_eq!(p.pixel_values().len(), 7 * 3 * 448 * 448);
         assert_eq!(p.crop_masks().len(), 7 * 32 * 32);
+        Ok(())
     }
 
     #[test]
-    fn identity_resize_and_thumbnail() {
+    fn identity_resize_and_thumbnail() -> crate::error::Result<()> {
         let data: Vec<u8> = (0..448 * 448 * 3).map(|i| (i * 7 % 251) as u8).collect();
         let img = RgbImage { width: 448, height: 448, data };
         assert_eq!(resize_bilinear(&img, 448, 448), img);
-        let p = PreparedImage::new(&img, 36).unwrap();
+        let p = PreparedImage::new(&img, 36)?;
         let norm = p.normalized();
         let pv = p.pixel_values();
         for (a, b) in pv[..3 * 448 * 448].iter().zip(&norm) {
             assert!((a - b).abs() < 1e-6);
         }
+        Ok(())
     }
 
     #[test]
-    fn too_thin_is_rejected() {
+    fn too_thin_is_rejected() -> crate::error::Result<()> {
         let img = RgbImage { width: 5000, height: 5, data: vec![0; 5000 * 5 * 3] };
         let err = PreparedImage::new(&img, 36).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("10 px"), "{err}");
+        Ok(())
     }
 }

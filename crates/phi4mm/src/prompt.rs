@@ -169,37 +169,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn markers_are_replaced_in_order_ignoring_numbers() {
+    fn markers_are_replaced_in_order_ignoring_numbers() -> crate::error::Result<()> {
         let s = replace_markers("<|image_2|>a<|audio_1|>b<|image_1|><|image_x|>");
         assert_eq!(
             s,
             "<|endoftext10|>a<|endoftext11|>b<|endoftext10|><|image_x|>"
         );
         assert_eq!(count_markers("<|image_1|><|image_12|><|audio_3|>"), (2, 1));
+        Ok(())
     }
 
     #[test]
-    fn content_without_markers_puts_images_then_audio_first() {
-        assert_eq!(user_content("hi", 2, 1).unwrap(), "<|image_1|><|image_2|><|audio_1|>hi");
+    fn content_without_markers_puts_images_then_audio_first() -> crate::error::Result<()> {
+        assert_eq!(user_content("hi", 2, 1)?, "<|image_1|><|image_2|><|audio_1|>hi");
         assert!(user_content("<|image_1|>hi", 2, 0).is_err());
+        Ok(())
     }
 
     #[test]
-    fn expansion_by_count() {
+    fn expansion_by_count() -> crate::error::Result<()> {
         let ids = [1, IMAGE_TOKEN_ID, 2, AUDIO_TOKEN_ID, IMAGE_TOKEN_ID];
-        let out = expand_placeholders(&ids, &[2, 3], &[1]).unwrap();
+        let out = expand_placeholders(&ids, &[2, 3], &[1])?;
         assert_eq!(
             out,
             vec![1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 2, AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID]
         );
         assert!(expand_placeholders(&ids, &[2], &[1]).is_err());
+        Ok(())
     }
 
     #[test]
-    fn modes_pick_adapters() {
+    fn modes_pick_adapters() -> crate::error::Result<()> {
         assert_eq!(Mode::from_media(0, 0).adapter(), None);
         assert_eq!(Mode::from_media(1, 0).adapter(), Some(Adapter::Vision));
         assert_eq!(Mode::from_media(0, 2).adapter(), Some(Adapter::Speech));
         assert_eq!(Mode::from_media(1, 1).adapter(), Some(Adapter::Vision));
+        Ok(())
     }
 }

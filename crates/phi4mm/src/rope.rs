@@ -138,17 +138,19 @@ mod tests {
     }
 
     #[test]
-    fn attention_factor_matches_spec() {
+    fn attention_factor_matches_spec() -> crate::error::Result<()> {
         let r = Rope::new(&cfg());
         assert!((r.attention_factor() as f64 - 1.1902380714238083).abs() < 1e-6);
         assert_eq!(r.rotary_dims(), 96);
+        Ok(())
     }
 
     #[test]
-    fn long_switch_is_strictly_above_4096() {
+    fn long_switch_is_strictly_above_4096() -> crate::error::Result<()> {
         let r = Rope::new(&cfg());
         assert!(!r.is_long(4096));
         assert!(r.is_long(4097));
+        Ok(())
     }
 
     #[test]

@@ -178,55 +178,61 @@ mod tests {
     use super::*;
 
     #[test]
-    fn greedy_takes_first_max() {
-        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+    fn greedy_takes_first_max() -> crate::error::Result<()> {
+        let mut s = Sampler::new(SamplingParams::default())?;
         assert_eq!(s.sample(&[0.0, 3.0, 3.0, 1.0], &[]), 1);
+        Ok(())
     }
 
     #[test]
-    fn repetition_penalty_follows_transformers() {
+    fn repetition_penalty_follows_transformers() -> crate::error::Result<()> {
         let p = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
-        let mut s = Sampler::new(p).unwrap();
+        let mut s = Sampler::new(p)?;
         // Token 1 (logit 3, seen) drops to 1.5 < 2.
         assert_eq!(s.sample(&[0.0, 3.0, 2.0], &[1]), 2);
         // A negative seen logit gets more negative.
         assert_eq!(s.sample(&[-1.0, -0.6, -3.0], &[1]), 0);
+        Ok(())
     }
 
     #[test]
-    fn seeded_sampling_is_reproducible_and_respects_top_k() {
+    fn seeded_sampling_is_reproducible_and_respects_top_k() -> crate::error::Result<()> {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let p = SamplingParams { temperature: 1.0, top_k: 3, seed: 7, ..Default::default() };
         let a: Vec<u32> = {
-            let mut s = Sampler::new(p.clone()).unwrap();
+            let mut s = Sampler::new(p.clone())?;
             (0..20).map(|_| s.sample(&logits, &[])).collect()
         };
-        let mut s = Sampler::new(p).unwrap();
+        let mut s = Sampler::new(p)?;
         let b: Vec<u32> = (0..20).map(|_| s.sample(&logits, &[])).collect();
         assert_eq!(a, b);
         let max = logits.iter().copied().fold(f32::MIN, f32::max);
         assert!(a.iter().all(|&t| logits[t as usize] == max));
+        Ok(())
     }
 
     #[test]
-    fn top_p_keeps_the_nucleus() {
+    fn top_p_keeps_the_nucleus() -> crate::error::Result<()> {
         let logits = [10.0f32, 0.0, 0.0, 0.0];
         let p = SamplingParams { temperature: 1.0, top_p: 0.5, seed: 1, ..Default::default() };
-        let mut s = Sampler::new(p).unwrap();
+        let mut s = Sampler::new(p)?;
         assert!((0..50).all(|_| s.sample(&logits, &[]) == 0));
+        Ok(())
     }
 
     #[test]
-    fn logprobs_are_normalised_and_sorted() {
+    fn logprobs_are_normalised_and_sorted() -> crate::error::Result<()> {
         let (lp, top) = logprobs(&[0.0, 1.0, 2.0, -1.0], 1, 2);
         assert_eq!(top.iter().map(|t| t.id).collect::<Vec<_>>(), vec![2, 1]);
         let total: f32 = [0.0f32, 1.0, 2.0, -1.0].iter().map(|x| x.exp()).sum();
         assert!((lp - (1.0f32.exp() / total).ln()).abs() < 1e-6);
+        Ok(())
     }
 
     #[test]
-    fn invalid_params_are_rejected() {
+    fn invalid_params_are_rejected() -> crate::error::Result<()> {
         assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
         assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
+        Ok(())
     }
 }
