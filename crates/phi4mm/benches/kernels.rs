@@ -3,15 +3,18 @@
 //!
 //! * `decode/{format}/{out}x{in}`: one activation row times a weight (the per-token mat-vec),
 //!   for bf16, Q8_0 and Q4_0 — throughput in weight bytes read per second;
+//! * `stream/{format}`: the decode mat-vec (`Matrix::matvec` in a spinning team, as a decode
+//!   step runs it) over 256 MB of 16384×3072 weights — more than the L3 cache, so weights come
+//!   from memory as in the model — in weight bytes per second;
 //! * `prefill/{format}/128x{out}x{in}`: 128 rows (the tiled GEMM), in multiply-adds per second;
 //! * `attention/{format}/{len}`: one decode step of attention over a KV cache of `len`
-//!   positions (24 query heads, 8 KV heads, head_dim 128), dense f32 vs 8-bit.
+//!   positions (24 query heads, 8 KV heads, head_dim 128): f32, bf16 and 8-bit caches.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use phi4mm::kernels::Matrix;
+use phi4mm::kernels::{team, Matrix, VecScratch};
 use phi4mm::kv_cache::{KvCache, KvFormat};
 use phi4mm::quant::{QMatrix, QType};
 
@@ -63,36 +66,46 @@ fn linear(c: &mut Criterion) {
     }
 }
 
+fn stream(c: &mut Criterion) {
+    let (out, k) = (16384, 3072);
+    for (format, name) in formats() {
+        let one = weight(out, k, format);
+        let count = (256usize << 20).div_ceil(one.nbytes());
+        let mut ws = vec![one];
+        while ws.len() < count {
+            ws.push(weight(out, k, format));
+        }
+        let x: Vec<f32> = (0..k).map(|i| half::bf16::from_f32((i % 13) as f32 * 0.1 - 0.6).to_f32()).collect();
+        let mut y = vec![0f32; out];
+        let mut s = VecScratch::default();
+        let mut g = c.benchmark_group("stream");
+        g.sample_size(10);
+        g.throughput(Throughput::Bytes(ws.iter().map(Matrix::nbytes).sum::<usize>() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| team::with_team(|| ws.iter().map(|w| w.matvec(&x, &mut y, &mut s).is_ok()).count()))
+        });
+        g.finish();
+    }
+}
+
 fn attention(c: &mut Criterion) {
     let (kvh, d, heads) = (8, 128, 24);
     for len in [4096usize, 32768] {
-        for (format, name) in [(KvFormat::Dense, "f32"), (KvFormat::Q8, "q8")] {
-            let Ok(mut cache) = KvCache::with_format(1, kvh, d, len, DType::F32, format, &Device::Cpu) else { return };
+        for (format, dtype, name) in [(KvFormat::Dense, DType::F32, "f32"), (KvFormat::Dense, DType::BF16, "bf16"), (KvFormat::Q8, DType::F32, "q8")] {
+            let Ok(mut cache) = KvCache::with_format(1, kvh, d, len, dtype, format, &Device::Cpu) else { return };
             let Ok(k) = Tensor::randn(0f32, 1.0, (kvh, len, d), &Device::Cpu) else { return };
             if cache.append(0, 0, &k, &k).is_err() {
                 return;
             }
             cache.set_len(len);
             let q: Vec<f32> = (0..heads * d).map(|i| (i % 7) as f32 * 0.1).collect();
-            let qt = Tensor::from_slice(&q, (kvh, heads / kvh, d), &Device::Cpu).ok();
             let mut g = c.benchmark_group(format!("attention/{name}"));
             g.sample_size(10);
-            g.bench_function(format!("{len}"), |b| {
-                b.iter(|| match format {
-                    KvFormat::Q8 => cache.attend(0, &q, heads, len, 0.088).ok().map(|v| v.len()),
-                    KvFormat::Dense => {
-                        // The decoder's dense path: scores, softmax, weighted sum in f32.
-                        let (keys, values) = cache.append(0, len - 1, &k.narrow(1, 0, 1).ok()?, &k.narrow(1, 0, 1).ok()?).ok()?;
-                        let s = qt.as_ref()?.matmul(&keys.t().ok()?).ok()?;
-                        let p = candle_nn::ops::softmax_last_dim(&s).ok()?;
-                        p.matmul(&values).ok().map(|t| t.elem_count())
-                    }
-                })
-            });
+            g.bench_function(format!("{len}"), |b| b.iter(|| cache.attend(0, &q, heads, len, 0.088).ok().map(|v| v.len())));
             g.finish();
         }
     }
 }
 
-criterion_group!(benches, linear, attention);
+criterion_group!(benches, linear, stream, attention);
 criterion_main!(benches);

@@ -5,6 +5,8 @@
 //!
 //! The decoder sees only embeddings: media features are merged into them by the engine.
 
+mod step;
+
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::ModelConfig;
@@ -23,15 +25,15 @@ pub type Taps = Vec<(String, Tensor)>;
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
+    weight_f32: Vec<f32>, // for the tensor-free decode step
     eps: f64,
 }
 
 impl RmsNorm {
     fn load(s: &Scope, dim: usize, eps: f64, dtype: DType) -> Result<Self> {
-        Ok(RmsNorm {
-            weight: s.get("weight", &[dim], dtype)?,
-            eps,
-        })
+        let weight = s.get("weight", &[dim], dtype)?;
+        let weight_f32 = weight.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(RmsNorm { weight, weight_f32, eps })
     }
 
     /// `[n, dim]` → `[n, dim]`.
@@ -203,6 +205,9 @@ pub struct Decoder {
     /// Upper bound on the bytes of one attention score matrix during prefill.
     max_score_bytes: usize,
     kv_format: KvFormat,
+    /// Whether single tokens take the tensor-free path (`step`): CPU, f32/bf16 activations,
+    /// every weight with a mat-vec kernel.
+    steppable: bool,
 }
 
 impl Decoder {
@@ -234,6 +239,13 @@ impl Decoder {
         } else {
             Some(w.root().pp("lm_head").matrix("weight", vocab, hid, dtype, head_quant)?)
         };
+        let steppable = device.is_cpu()
+            && matches!(dtype, DType::F32 | DType::BF16)
+            && layers.iter().all(|l| {
+                [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj]
+                    .iter()
+                    .all(|p| p.has_matvec())
+            });
         Ok(Decoder {
             embed_tokens,
             layers,
@@ -249,6 +261,7 @@ impl Decoder {
             device: device.clone(),
             max_score_bytes: 256 << 20,
             kv_format: KvFormat::Dense,
+            steppable,
         })
     }
 
@@ -384,6 +397,11 @@ impl Decoder {
                 "KV cache was filled with the other LongRoPE factors; re-prefill".into(),
             ));
         }
+        if n == 1 && taps.is_none() && self.can_step(cache) {
+            let h = self.step(embeds, start, long, cache, adapter)?;
+            cache.set_len(start + 1);
+            return Ok(h);
+        }
         let chunk = if taps.is_some() { n } else { self.prefill_chunk(start + n) };
         let mut last = None;
         let mut pos = start;
@@ -448,6 +466,15 @@ impl Decoder {
     /// Logits `[vocab]` (f32) of a final hidden state `[1, hidden]`.
     pub fn logits(&self, h: &Tensor) -> Result<Vec<f32>> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        if self.steppable && head.has_matvec() && h.elem_count() == self.hidden {
+            let x: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let mut l = vec![0f32; self.vocab];
+            crate::kernels::team::with_team(|| head.matvec(&x, &mut l, &mut crate::kernels::VecScratch::default()))?;
+            if self.dtype == DType::BF16 {
+                l.iter_mut().for_each(|v| *v = <crate::quant::Bf16Act as crate::quant::Act>::round(*v));
+            }
+            return Ok(l);
+        }
         let l = head.forward(h)?; // [1, vocab]
         Ok(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }

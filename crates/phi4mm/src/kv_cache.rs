@@ -3,14 +3,15 @@
 //! remembers whether its keys were rotated with the long LongRoPE factors, so the engine knows
 //! when the reference would drop it and re-prefill (spec §2.5).
 //!
-//! Two formats: dense in the activation dtype (bf16 by default), or 8-bit — each key and value
-//! vector of one head at one position stored as int8 with its own f32 scale (`max|x| / 127`),
-//! half the memory of bf16 (the full 131072-token context: 8.3 GiB instead of 16 GiB).
-//! Single-token decode attends over the 8-bit cache directly ([`KvCache::attend`]); a prefill
-//! chunk reads it dequantised.
+//! On the CPU the buffers are plain vectors: f32 or bf16 (the activation dtype), or 8-bit —
+//! each key and value vector of one head at one position stored as int8 with its own f32 scale
+//! (`max|x| / 127`), half the memory of bf16 (the full 131072-token context: 8.3 GiB instead of
+//! 16 GiB). Single-token decode writes and attends over them in place ([`KvCache::write_row`],
+//! [`KvCache::attend_into`]); a prefill chunk reads them widened to f32. Other devices and
+//! dtypes keep tensors.
 
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
+use half::bf16;
 
 use crate::error::{Error, Result};
 
@@ -35,19 +36,103 @@ impl KvFormat {
     }
 }
 
-/// One layer of the 8-bit cache.
-#[derive(Debug, Default)]
-struct Q8Layer {
-    k: Vec<i8>,  // [kv_heads, capacity, head_dim]
-    ks: Vec<f32>, // [kv_heads, capacity]
-    v: Vec<i8>,
-    vs: Vec<f32>,
+/// The elements of one host buffer `[kv_heads, capacity, head_dim]`.
+#[derive(Debug)]
+enum Elems {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    /// With one scale per head and position, `[kv_heads, capacity]`.
+    I8(Vec<i8>, Vec<f32>),
+}
+
+/// Runs `$body` with `$v` bound to the element vector of `$e` (any variant).
+macro_rules! each_elems {
+    ($e:expr, $v:ident => $body:expr) => {
+        match $e {
+            Elems::F32($v) => $body,
+            Elems::Bf16($v) => $body,
+            Elems::I8($v, _) => $body,
+        }
+    };
+}
+
+/// Moves the first `len` positions of every head from a `[heads, old, per]` layout to a
+/// `[heads, new, per]` one (`per` values per position).
+fn regrow<T: Copy + Default>(x: &mut Vec<T>, heads: usize, per: usize, old: usize, new: usize, len: usize) {
+    let mut nx = vec![T::default(); heads * new * per];
+    for h in 0..heads {
+        nx[h * new * per..(h * new + len) * per].copy_from_slice(&x[h * old * per..(h * old + len) * per]);
+    }
+    *x = nx;
+}
+
+/// Copies positions `p % have` to `p` for `p` in `have..target`, every head.
+fn repeat<T: Copy>(x: &mut [T], heads: usize, per: usize, cap: usize, have: usize, target: usize) {
+    for h in 0..heads {
+        for p in have..target {
+            let from = (h * cap + p % have) * per;
+            x.copy_within(from..from + per, (h * cap + p) * per);
+        }
+    }
+}
+
+impl Elems {
+    fn zeros(dtype: DType, format: KvFormat, n: usize, positions: usize) -> Result<Self> {
+        Ok(match (format, dtype) {
+            (KvFormat::Q8, _) => Elems::I8(vec![0; n], vec![0.0; positions]),
+            (KvFormat::Dense, DType::F32) => Elems::F32(vec![0.0; n]),
+            (KvFormat::Dense, DType::BF16) => Elems::Bf16(vec![bf16::ZERO; n]),
+            (_, other) => return Err(Error::Request(format!("no host KV cache for {other:?}"))),
+        })
+    }
+
+    fn nbytes(&self) -> usize {
+        match self {
+            Elems::F32(v) => 4 * v.len(),
+            Elems::Bf16(v) => 2 * v.len(),
+            Elems::I8(v, s) => v.len() + 4 * s.len(),
+        }
+    }
+
+    /// Stores `x` (`head_dim` values) at slot `at` (= head·capacity + position).
+    fn store(&mut self, at: usize, x: &[f32]) {
+        let d = x.len();
+        match self {
+            Elems::F32(v) => v[at * d..(at + 1) * d].copy_from_slice(x),
+            Elems::Bf16(v) => {
+                for (o, &x) in v[at * d..(at + 1) * d].iter_mut().zip(x) {
+                    *o = bf16::from_f32(x);
+                }
+            }
+            Elems::I8(v, s) => s[at] = crate::quant::quantize_i8(x, &mut v[at * d..(at + 1) * d]),
+        }
+    }
+
+    /// Slot `at` widened to f32 into `out` (`head_dim` values).
+    fn load(&self, at: usize, out: &mut [f32]) {
+        let d = out.len();
+        match self {
+            Elems::F32(v) => out.copy_from_slice(&v[at * d..(at + 1) * d]),
+            Elems::Bf16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[at * d..(at + 1) * d]) {
+                    *o = x.to_f32();
+                }
+            }
+            Elems::I8(v, s) => {
+                for (o, &x) in out.iter_mut().zip(&v[at * d..(at + 1) * d]) {
+                    *o = x as f32 * s[at];
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
 enum Store {
-    Dense(Vec<(Tensor, Tensor)>),
-    Q8(Vec<Q8Layer>),
+    /// Tensors in the activation dtype (non-CPU devices, other dtypes).
+    Tensors(Vec<(Tensor, Tensor)>),
+    /// CPU vectors, keys and values per layer.
+    Host(Vec<(Elems, Elems)>),
 }
 
 /// Keys and values of every layer for one sequence.
@@ -85,47 +170,44 @@ impl KvCache {
         format: KvFormat,
         device: &Device,
     ) -> Result<Self> {
-        let store = match format {
-            KvFormat::Dense => {
-                let mut layers = Vec::with_capacity(num_layers);
-                for _ in 0..num_layers {
-                    let k = Tensor::zeros((kv_heads, capacity, head_dim), dtype, device)?;
-                    let v = Tensor::zeros((kv_heads, capacity, head_dim), dtype, device)?;
-                    layers.push((k, v));
-                }
-                Store::Dense(layers)
+        let host = device.is_cpu() && (format == KvFormat::Q8 || matches!(dtype, DType::F32 | DType::BF16));
+        let store = if host {
+            let (n, positions) = (kv_heads * capacity * head_dim, kv_heads * capacity);
+            let mut layers = Vec::with_capacity(num_layers);
+            for _ in 0..num_layers {
+                layers.push((
+                    Elems::zeros(dtype, format, n, positions)?,
+                    Elems::zeros(dtype, format, n, positions)?,
+                ));
             }
-            KvFormat::Q8 => {
-                if !device.is_cpu() {
-                    return Err(Error::Request("the 8-bit KV cache runs on the CPU only".into()));
-                }
-                let layers = (0..num_layers)
-                    .map(|_| Q8Layer {
-                        k: vec![0; kv_heads * capacity * head_dim],
-                        ks: vec![0.0; kv_heads * capacity],
-                        v: vec![0; kv_heads * capacity * head_dim],
-                        vs: vec![0.0; kv_heads * capacity],
-                    })
-                    .collect();
-                Store::Q8(layers)
+            Store::Host(layers)
+        } else if format == KvFormat::Q8 {
+            return Err(Error::Request("the 8-bit KV cache runs on the CPU only".into()));
+        } else {
+            let mut layers = Vec::with_capacity(num_layers);
+            for _ in 0..num_layers {
+                let k = Tensor::zeros((kv_heads, capacity, head_dim), dtype, device)?;
+                let v = Tensor::zeros((kv_heads, capacity, head_dim), dtype, device)?;
+                layers.push((k, v));
             }
+            Store::Tensors(layers)
         };
         Ok(KvCache { store, len: 0, capacity, long: false, kv_heads, head_dim, device: device.clone() })
     }
 
     /// The storage format.
     pub fn format(&self) -> KvFormat {
-        match self.store {
-            Store::Dense(_) => KvFormat::Dense,
-            Store::Q8(_) => KvFormat::Q8,
+        match &self.store {
+            Store::Host(l) if matches!(l.first(), Some((Elems::I8(..), _))) => KvFormat::Q8,
+            _ => KvFormat::Dense,
         }
     }
 
     /// Bytes held by the buffers.
     pub fn nbytes(&self) -> usize {
         match &self.store {
-            Store::Dense(l) => l.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum(),
-            Store::Q8(l) => l.iter().map(|q| q.k.len() + q.v.len() + 4 * (q.ks.len() + q.vs.len())).sum(),
+            Store::Tensors(l) => l.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum(),
+            Store::Host(l) => l.iter().map(|(k, v)| k.nbytes() + v.nbytes()).sum(),
         }
     }
 
@@ -157,8 +239,8 @@ impl KvCache {
     }
 
     /// Writes `k`, `v` `[kv_heads, n, head_dim]` of `layer` at positions `start..start+n` and
-    /// returns the cached keys and values `[kv_heads, start+n, head_dim]` (8-bit: dequantised
-    /// to f32).
+    /// returns the cached keys and values `[kv_heads, start+n, head_dim]` (f32 on the CPU, the
+    /// activation dtype elsewhere).
     pub fn append(
         &mut self,
         layer: usize,
@@ -169,27 +251,21 @@ impl KvCache {
         self.write(layer, start, k, v)?;
         let end = start + k.dim(1)?;
         match &self.store {
-            Store::Dense(layers) => {
+            Store::Tensors(layers) => {
                 let (kc, vc) = &layers[layer];
                 Ok((kc.narrow(1, 0, end)?, vc.narrow(1, 0, end)?))
             }
-            Store::Q8(layers) => {
-                let q = &layers[layer];
+            Store::Host(layers) => {
                 let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
-                let deq = |x: &[i8], s: &[f32]| -> Result<Tensor> {
+                let widen = |x: &Elems| -> Result<Tensor> {
                     let mut out = vec![0f32; h * end * d];
-                    for head in 0..h {
-                        for p in 0..end {
-                            let src = &x[(head * cap + p) * d..(head * cap + p + 1) * d];
-                            let sc = s[head * cap + p];
-                            for (o, &x) in out[(head * end + p) * d..(head * end + p + 1) * d].iter_mut().zip(src) {
-                                *o = x as f32 * sc;
-                            }
-                        }
+                    for (i, o) in out.chunks_mut(d).enumerate() {
+                        x.load((i / end) * cap + i % end, o);
                     }
                     Ok(Tensor::from_vec(out, (h, end, d), &self.device)?)
                 };
-                Ok((deq(&q.k, &q.ks)?, deq(&q.v, &q.vs)?))
+                let (kc, vc) = &layers[layer];
+                Ok((widen(kc)?, widen(vc)?))
             }
         }
     }
@@ -197,6 +273,50 @@ impl KvCache {
     /// Writes `k`, `v` `[kv_heads, n, head_dim]` of `layer` at positions `start..start+n`.
     pub fn write(&mut self, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
         let n = k.dim(1)?;
+        self.check(layer, start, n)?;
+        match &mut self.store {
+            Store::Tensors(layers) => {
+                let (kc, vc) = &layers[layer];
+                kc.slice_set(&k.contiguous()?, 1, start)?;
+                vc.slice_set(&v.contiguous()?, 1, start)?;
+            }
+            Store::Host(layers) => {
+                let (d, cap) = (self.head_dim, self.capacity);
+                let (kc, vc) = &mut layers[layer];
+                for (src, dst) in [(k, kc), (v, vc)] {
+                    let x: Vec<f32> = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                    for (i, row) in x.chunks(d).enumerate() {
+                        dst.store((i / n) * cap + start + i % n, row);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one position's keys and values, `[kv_heads, head_dim]` each (f32; CPU caches).
+    pub fn write_row(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        self.check(layer, pos, 1)?;
+        let (d, cap) = (self.head_dim, self.capacity);
+        let Store::Host(layers) = &mut self.store else {
+            return Err(Error::Request("direct cache writes need a CPU cache".into()));
+        };
+        let (kc, vc) = &mut layers[layer];
+        for (h, (kr, vr)) in k.chunks(d).zip(v.chunks(d)).enumerate() {
+            kc.store(h * cap + pos, kr);
+            vc.store(h * cap + pos, vr);
+        }
+        Ok(())
+    }
+
+    fn check(&self, layer: usize, start: usize, n: usize) -> Result<()> {
+        let layers = match &self.store {
+            Store::Tensors(l) => l.len(),
+            Store::Host(l) => l.len(),
+        };
+        if layer >= layers {
+            return Err(Error::Request(format!("KV cache has no layer {layer}")));
+        }
         if start + n > self.capacity {
             return Err(Error::Request(format!(
                 "KV cache holds {} positions; cannot write {}..{}",
@@ -205,126 +325,50 @@ impl KvCache {
                 start + n
             )));
         }
-        let (d, cap) = (self.head_dim, self.capacity);
-        match &mut self.store {
-            Store::Dense(layers) => {
-                let (kc, vc) = layers
-                    .get(layer)
-                    .ok_or_else(|| Error::Request(format!("KV cache has no layer {layer}")))?;
-                kc.slice_set(&k.contiguous()?, 1, start)?;
-                vc.slice_set(&v.contiguous()?, 1, start)?;
-            }
-            Store::Q8(layers) => {
-                let q = layers
-                    .get_mut(layer)
-                    .ok_or_else(|| Error::Request(format!("KV cache has no layer {layer}")))?;
-                let kf: Vec<f32> = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                let vf: Vec<f32> = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                for (src, dst, scales) in [(&kf, &mut q.k, &mut q.ks), (&vf, &mut q.v, &mut q.vs)] {
-                    for (i, row) in src.chunks(d).enumerate() {
-                        let (head, p) = (i / n, start + i % n);
-                        let at = head * cap + p;
-                        scales[at] = crate::quant::quantize_i8(row, &mut dst[at * d..(at + 1) * d]);
-                    }
-                }
-            }
-        }
         Ok(())
     }
 
-    /// Whether [`KvCache::attend`] works on this cache (CPU, f32/bf16/8-bit).
+    /// Whether [`KvCache::attend`] and [`KvCache::write_row`] work on this cache (CPU).
     pub fn can_attend(&self) -> bool {
-        match &self.store {
-            Store::Q8(_) => true,
-            Store::Dense(l) => l.first().is_some_and(|(k, _)| k.device().is_cpu() && matches!(k.dtype(), DType::F32 | DType::BF16)),
-        }
+        matches!(self.store, Store::Host(_))
+    }
+
+    /// [`KvCache::attend_into`] into a new vector.
+    pub fn attend(&self, layer: usize, q: &[f32], heads: usize, len: usize, scale: f32) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; heads * self.head_dim];
+        self.attend_into(layer, q, heads, len, scale, &mut out)?;
+        Ok(out)
     }
 
     /// Single-query attention over positions `0..len` of `layer`, reading the cache in place:
-    /// `q` `[heads, head_dim]` (f32, heads grouped under KV heads in order) →
-    /// `[heads, head_dim]` f32. Softmax in f32; no mask (every cached position precedes the
-    /// query).
-    pub fn attend(&self, layer: usize, q: &[f32], heads: usize, len: usize, scale: f32) -> Result<Vec<f32>> {
-        let missing = || Error::Request(format!("KV cache has no layer {layer}"));
-        match &self.store {
-            Store::Q8(layers) => {
-                let c = layers.get(layer).ok_or_else(missing)?;
-                Ok(self.attend_with(q, heads, len, scale, (&c.k, Some(&c.ks)), (&c.v, Some(&c.vs)), |x: i8| x as f32))
-            }
-            Store::Dense(layers) => {
-                let (k, v) = layers.get(layer).ok_or_else(missing)?;
-                let (ks, kl) = k.storage_and_layout();
-                let (vs, vl) = v.storage_and_layout();
-                let n = self.kv_heads * self.capacity * self.head_dim;
-                let (ko, vo) = (kl.start_offset(), vl.start_offset());
-                use candle_core::{CpuStorage, Storage};
-                match (&*ks, &*vs) {
-                    (Storage::Cpu(CpuStorage::BF16(kd)), Storage::Cpu(CpuStorage::BF16(vd))) => Ok(self.attend_with(
-                        q, heads, len, scale,
-                        (&kd[ko..ko + n], None),
-                        (&vd[vo..vo + n], None),
-                        |x: half::bf16| f32::from_bits((x.to_bits() as u32) << 16),
-                    )),
-                    (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) => {
-                        Ok(self.attend_with(q, heads, len, scale, (&kd[ko..ko + n], None), (&vd[vo..vo + n], None), |x: f32| x))
-                    }
-                    _ => Err(Error::Request("direct attention needs an f32, bf16 or 8-bit cache on the CPU".into())),
-                }
-            }
-        }
-    }
-
-    /// [`KvCache::attend`] over `[kv_heads, capacity, head_dim]` keys and values of any element
-    /// type (`to_f32` widens one; optional per-position scales for the 8-bit cache).
-    #[allow(clippy::too_many_arguments)]
-    fn attend_with<T: Copy + Sync>(
+    /// `q` `[heads, head_dim]` (f32, heads grouped under KV heads in order) → `out`
+    /// `[heads, head_dim]`. Softmax in f32; no mask (every cached position precedes the
+    /// query). Heads are split over the threads.
+    pub fn attend_into(
         &self,
+        layer: usize,
         q: &[f32],
         heads: usize,
         len: usize,
         scale: f32,
-        (k, ks): (&[T], Option<&Vec<f32>>),
-        (v, vs): (&[T], Option<&Vec<f32>>),
-        to_f32: impl Fn(T) -> f32 + Sync,
-    ) -> Vec<f32> {
-        let (kvh, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
-        let group = (heads / kvh.max(1)).max(1);
-        let mut out = vec![0f32; heads * d];
-        out.par_chunks_mut(d).enumerate().for_each(|(h, o)| {
-            let kv = h / group;
-            let qh = &q[h * d..(h + 1) * d];
-            let mut scores: Vec<f32> = (0..len)
-                .map(|p| {
-                    let at = kv * cap + p;
-                    let row = &k[at * d..(at + 1) * d];
-                    let mut acc = [0f32; 16];
-                    for (qc, kc) in qh.chunks_exact(16).zip(row.chunks_exact(16)) {
-                        for i in 0..16 {
-                            acc[i] += qc[i] * to_f32(kc[i]);
-                        }
-                    }
-                    let mut s: f32 = acc.iter().sum();
-                    for i in d / 16 * 16..d {
-                        s += qh[i] * to_f32(row[i]);
-                    }
-                    s * ks.map_or(1.0, |ks| ks[at]) * scale
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (p, &w) in scores.iter().enumerate() {
-                let at = kv * cap + p;
-                let f = w / sum * vs.map_or(1.0, |vs| vs[at]);
-                for (o, &x) in o.iter_mut().zip(&v[at * d..(at + 1) * d]) {
-                    *o += f * to_f32(x);
-                }
-            }
-        });
-        out
+        out: &mut [f32],
+    ) -> Result<()> {
+        let Store::Host(layers) = &self.store else {
+            return Err(Error::Request("direct attention needs a CPU cache".into()));
+        };
+        let (k, v) = layers.get(layer).ok_or_else(|| Error::Request(format!("KV cache has no layer {layer}")))?;
+        if len == 0 || len > self.capacity || q.len() != heads * self.head_dim || out.len() != q.len() {
+            return Err(Error::Request("attention over the cache: inconsistent sizes".into()));
+        }
+        let a = Attend { q, heads, len, scale, kv_heads: self.kv_heads, head_dim: self.head_dim, capacity: self.capacity };
+        let widen = |x: bf16| f32::from_bits((x.to_bits() as u32) << 16);
+        match (k, v) {
+            (Elems::F32(k), Elems::F32(v)) => a.run((k, None), (v, None), |x: f32| x, out),
+            (Elems::Bf16(k), Elems::Bf16(v)) => a.run((k, None), (v, None), widen, out),
+            (Elems::I8(k, ks), Elems::I8(v, vs)) => a.run((k, Some(ks)), (v, Some(vs)), |x: i8| x as f32, out),
+            _ => return Err(Error::Request("KV cache keys and values differ in format".into())),
+        }
+        Ok(())
     }
 
     /// Makes room for at least `needed` positions, growing by doubling (up to `limit`) and
@@ -335,9 +379,9 @@ impl KvCache {
             return Ok(());
         }
         let new_cap = needed.max(self.capacity * 2).min(limit.max(needed));
-        let (len, old_cap, h, d) = (self.len, self.capacity, self.kv_heads, self.head_dim);
+        let (len, old, h, d) = (self.len, self.capacity, self.kv_heads, self.head_dim);
         match &mut self.store {
-            Store::Dense(layers) => {
+            Store::Tensors(layers) => {
                 for (k, v) in layers.iter_mut() {
                     let grow = |old: &Tensor| -> Result<Tensor> {
                         let t = Tensor::zeros((h, new_cap, d), old.dtype(), old.device())?;
@@ -350,18 +394,11 @@ impl KvCache {
                     *v = grow(v)?;
                 }
             }
-            Store::Q8(layers) => {
-                for q in layers.iter_mut() {
-                    for (x, s) in [(&mut q.k, &mut q.ks), (&mut q.v, &mut q.vs)] {
-                        let mut nx = vec![0i8; h * new_cap * d];
-                        let mut ns = vec![0f32; h * new_cap];
-                        for head in 0..h {
-                            nx[head * new_cap * d..(head * new_cap + len) * d]
-                                .copy_from_slice(&x[head * old_cap * d..(head * old_cap + len) * d]);
-                            ns[head * new_cap..head * new_cap + len].copy_from_slice(&s[head * old_cap..head * old_cap + len]);
-                        }
-                        *x = nx;
-                        *s = ns;
+            Store::Host(layers) => {
+                for e in layers.iter_mut().flat_map(|(k, v)| [k, v]) {
+                    each_elems!(&mut *e, x => regrow(x, h, d, old, new_cap, len));
+                    if let Elems::I8(_, s) = e {
+                        regrow(s, h, 1, old, new_cap, len);
                     }
                 }
             }
@@ -380,7 +417,7 @@ impl KvCache {
         }
         let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
         match &mut self.store {
-            Store::Dense(layers) => {
+            Store::Tensors(layers) => {
                 for (k, v) in layers.iter() {
                     let mut at = have;
                     while at < target {
@@ -391,17 +428,11 @@ impl KvCache {
                     }
                 }
             }
-            Store::Q8(layers) => {
-                for q in layers.iter_mut() {
-                    for (x, s) in [(&mut q.k, &mut q.ks), (&mut q.v, &mut q.vs)] {
-                        for head in 0..h {
-                            for p in have..target {
-                                let from = head * cap + p % have;
-                                let to = head * cap + p;
-                                x.copy_within(from * d..(from + 1) * d, to * d);
-                                s[to] = s[from];
-                            }
-                        }
+            Store::Host(layers) => {
+                for e in layers.iter_mut().flat_map(|(k, v)| [k, v]) {
+                    each_elems!(&mut *e, x => repeat(x, h, d, cap, have, target));
+                    if let Elems::I8(_, s) = e {
+                        repeat(s, h, 1, cap, have, target);
                     }
                 }
             }
@@ -414,6 +445,73 @@ impl KvCache {
     /// Marks positions `..len` as filled (after every layer has appended).
     pub fn set_len(&mut self, len: usize) {
         self.len = len;
+    }
+}
+
+thread_local! {
+    /// One head's attention scores (per thread, reused from call to call).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One single-query attention over a layer's host buffers.
+struct Attend<'a> {
+    q: &'a [f32],
+    heads: usize,
+    len: usize,
+    scale: f32,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+}
+
+impl Attend<'_> {
+    /// Over keys and values of element type `T` (`to_f32` widens one; optional per-slot
+    /// scales for the 8-bit cache), heads split over the threads.
+    fn run<T: Copy + Sync>(
+        &self,
+        (k, ks): (&[T], Option<&Vec<f32>>),
+        (v, vs): (&[T], Option<&Vec<f32>>),
+        to_f32: impl Fn(T) -> f32 + Sync,
+        out: &mut [f32],
+    ) {
+        let (d, cap, len) = (self.head_dim, self.capacity, self.len);
+        let group = (self.heads / self.kv_heads.max(1)).max(1);
+        crate::kernels::team::parallel_chunks(out, d, |h, o| SCORES.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            sc.resize(len, 0.0);
+            let sc = &mut sc[..];
+            let kv = h / group;
+            let qh = &self.q[h * d..(h + 1) * d];
+            for (p, s) in sc.iter_mut().enumerate() {
+                let at = kv * cap + p;
+                let row = &k[at * d..(at + 1) * d];
+                let mut acc = [0f32; 16];
+                for (qc, kc) in qh.chunks_exact(16).zip(row.chunks_exact(16)) {
+                    for i in 0..16 {
+                        acc[i] += qc[i] * to_f32(kc[i]);
+                    }
+                }
+                let mut dot: f32 = acc.iter().sum();
+                for i in d / 16 * 16..d {
+                    dot += qh[i] * to_f32(row[i]);
+                }
+                *s = dot * ks.map_or(1.0, |ks| ks[at]) * self.scale;
+            }
+            let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            o.fill(0.0);
+            for (p, &w) in sc.iter().enumerate() {
+                let at = kv * cap + p;
+                let f = w / sum * vs.map_or(1.0, |vs| vs[at]);
+                for (o, &x) in o.iter_mut().zip(&v[at * d..(at + 1) * d]) {
+                    *o += f * to_f32(x);
+                }
+            }
+        }));
     }
 }
 

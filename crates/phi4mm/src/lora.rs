@@ -9,8 +9,8 @@ use candle_core::{DType, Tensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
-use crate::kernels::Matrix;
-use crate::quant::QType;
+use crate::kernels::{Matrix, VecScratch};
+use crate::quant::{Act, QType};
 use crate::weights::Scope;
 
 /// Which LoRA adapter is active for a request (none for text-only requests).
@@ -105,22 +105,54 @@ impl LoraLinear {
         }
     }
 
+    fn pair(&self, adapter: Adapter) -> Result<&LoraPair> {
+        let pair = match adapter {
+            Adapter::Vision => self.vision.as_ref(),
+            Adapter::Speech => self.speech.as_ref(),
+        };
+        pair.ok_or_else(|| Error::Request(format!("this checkpoint has no {} LoRA adapter", adapter.name())))
+    }
+
     /// `x` `[n, in]` → `[n, out]` with the base weight and, if given, the adapter.
     pub fn forward(&self, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
         let y = self.base.forward(x)?;
-        let pair = match adapter {
-            None => return Ok(y),
-            Some(Adapter::Vision) => self.vision.as_ref(),
-            Some(Adapter::Speech) => self.speech.as_ref(),
-        };
-        let pair = pair.ok_or_else(|| {
-            Error::Request(format!(
-                "this checkpoint has no {} LoRA adapter",
-                adapter.map_or("", Adapter::name)
-            ))
-        })?;
+        let Some(adapter) = adapter else { return Ok(y) };
+        let pair = self.pair(adapter)?;
         let low = pair.a.forward(x)?; // [n, r]
         let delta = (pair.b.forward(&low)? * pair.scale)?;
         Ok((y + delta)?)
     }
+
+    /// Whether [`LoraLinear::matvec`] runs every weight of this layer.
+    pub fn has_matvec(&self) -> bool {
+        self.base.has_matvec() && [&self.vision, &self.speech].iter().flat_map(|p| p.iter()).all(|p| p.a.has_matvec() && p.b.has_matvec())
+    }
+
+    /// [`LoraLinear::forward`] for one row without tensors: `x` `[in]` → `y` `[out]`, with the
+    /// same roundings to the activation dtype (`A`) as the tensor ops make.
+    pub fn matvec<A: Act>(&self, x: &[f32], adapter: Option<Adapter>, y: &mut [f32], s: &mut LoraScratch) -> Result<()> {
+        let rd = A::round;
+        self.base.matvec(x, y, &mut s.vec)?;
+        y.iter_mut().for_each(|v| *v = rd(*v));
+        let Some(adapter) = adapter else { return Ok(()) };
+        let pair = self.pair(adapter)?;
+        s.low.resize(pair.a.dims()?.0, 0.0);
+        pair.a.matvec(x, &mut s.low, &mut s.vec)?;
+        s.low.iter_mut().for_each(|v| *v = rd(*v));
+        s.delta.resize(y.len(), 0.0);
+        pair.b.matvec(&s.low, &mut s.delta, &mut s.vec)?;
+        let scale = rd(pair.scale as f32);
+        for (y, &d) in y.iter_mut().zip(&s.delta) {
+            *y = rd(*y + rd(rd(d) * scale));
+        }
+        Ok(())
+    }
+}
+
+/// Working space for [`LoraLinear::matvec`].
+#[derive(Debug, Default)]
+pub struct LoraScratch {
+    low: Vec<f32>,
+    delta: Vec<f32>,
+    vec: VecScratch,
 }

@@ -411,6 +411,35 @@ pub fn dequantize_row(qtype: QType, q: &[u8], d: &[f16], out: &mut [f32]) {
     }
 }
 
+/// The activation dtype of a tensor-free computation: where a tensor op would store its result
+/// in that dtype, the f32 value goes through [`Act::round`].
+pub trait Act {
+    fn round(v: f32) -> f32;
+}
+
+/// f32 activations (no rounding).
+pub struct F32Act;
+
+impl Act for F32Act {
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
+}
+
+/// bf16 activations: round to nearest even, as `half::bf16::from_f32` does (NaN kept), in a
+/// form the compiler vectorises.
+pub struct Bf16Act;
+
+impl Act for Bf16Act {
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        let b = v.to_bits();
+        let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+        if v.is_nan() { v } else { f32::from_bits(r) }
+    }
+}
+
 /// Activations quantised to int8 per block of 32 (the Q8_0 rule, f32 scales), with each
 /// block's `d·Σq` for the kernels that work on unsigned weights, and a copy of the quants in a
 /// weight format's run order (see [`QType::run_order`]) for the interleaved kernels.
@@ -511,6 +540,24 @@ mod tests {
         let m = QMatrix::quantize(QType::Q4_0, &[0.0; 64], 1, 64)?;
         assert!(m.qs().iter().all(|&b| b == 0x88));
         Ok(())
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut vals: Vec<f32> = test_values(100_000, 7).iter().map(|v| v * 1e3).collect();
+        vals.extend([0.0, -0.0, 1.0, f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-40, f32::INFINITY, f32::NEG_INFINITY]);
+        // Exact ties (even and odd lower halves) and their neighbours.
+        for b in [0x3f80_8000u32, 0x3f81_8000, 0x3f80_8001, 0x3f80_7fff, 0xbf81_8000, 0x7f7f_ffff] {
+            vals.push(f32::from_bits(b));
+        }
+        for v in vals {
+            assert_eq!(Bf16Act::round(v).to_bits(), half_round(v).to_bits(), "{v:e}");
+        }
+        assert!(Bf16Act::round(f32::NAN).is_nan());
+    }
+
+    fn half_round(v: f32) -> f32 {
+        half::bf16::from_f32(v).to_f32()
     }
 
     #[test]

@@ -87,23 +87,31 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
-        let inv = match (&self.long_inv_freq, long) {
-            (Some(l), true) => l,
-            _ => &self.short_inv_freq,
-        };
-        let half = inv.len();
+        let half = self.rotary_dims / 2;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in start..start + n {
-            for &f in inv {
-                let phi = p as f32 * f;
-                cos.push(phi.cos() * self.attention_factor);
-                sin.push(phi.sin() * self.attention_factor);
-            }
+            self.push_cos_sin(p, long, &mut cos, &mut sin);
         }
         let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
+    }
+}
+
+impl Rope {
+    /// Appends cos and sin of position `p` (`rotary_dims/2` values each, f32, scaled by the
+    /// attention factor).
+    pub fn push_cos_sin(&self, p: usize, long: bool, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        let inv = match (&self.long_inv_freq, long) {
+            (Some(l), true) => l,
+            _ => &self.short_inv_freq,
+        };
+        for &f in inv {
+            let phi = p as f32 * f;
+            cos.push(phi.cos() * self.attention_factor);
+            sin.push(phi.sin() * self.attention_factor);
+        }
     }
 }
 

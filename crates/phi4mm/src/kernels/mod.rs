@@ -18,6 +18,7 @@
 mod bf16dot;
 pub mod elementwise;
 pub mod qdot;
+pub mod team;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -77,6 +78,98 @@ impl Matrix {
             Matrix::Quant(q) => q.nbytes(),
         }
     }
+}
+
+/// Working space for [`Matrix::matvec`], reused from token to token.
+#[derive(Debug, Default)]
+pub struct VecScratch {
+    xb: Vec<bf16>,
+    acts: QActs,
+}
+
+impl Matrix {
+    /// Whether [`Matrix::matvec`] runs this weight (CPU: dense f32 or bf16, or quantised).
+    pub fn has_matvec(&self) -> bool {
+        match self {
+            Matrix::Quant(_) => true,
+            Matrix::Dense(t) => t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16) && t.is_contiguous(),
+        }
+    }
+
+    /// The decode product without tensors: one activation row `x` `[in]` → `y` `[out]`, weight
+    /// rows split over the threads. `x` holds values of the weight's activation dtype (bf16
+    /// weights take bf16-exact activations); quantised weights quantise `x` per block as
+    /// [`Matrix::forward`] does, so both give the same sums.
+    pub fn matvec(&self, x: &[f32], y: &mut [f32], s: &mut VecScratch) -> Result<()> {
+        let (out, k) = self.dims()?;
+        if x.len() != k || y.len() != out {
+            return Err(Error::Request(format!(
+                "mat-vec: input {} and output {} for a [{out}, {k}] weight",
+                x.len(),
+                y.len()
+            )));
+        }
+        match self {
+            Matrix::Quant(q) => {
+                s.acts.quantize(x, k, q.qtype());
+                let kernel = qdot::select(q.qtype());
+                let xr = XRow::of(&s.acts, 0, k);
+                fill_rows(y, |r| {
+                    let (wq, wd) = q.row(r);
+                    // SAFETY: `select` returns only kernels this CPU supports.
+                    unsafe { kernel(wq, wd, xr) }
+                });
+            }
+            Matrix::Dense(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                let off = layout.start_offset();
+                match &*storage {
+                    candle_core::Storage::Cpu(CpuStorage::BF16(w)) => {
+                        let w = &w[off..off + out * k];
+                        #[cfg(target_arch = "x86_64")]
+                        if bf16dot::available() {
+                            s.xb.clear();
+                            s.xb.extend(x.iter().map(|&v| bf16::from_f32(v)));
+                            let xb = &s.xb;
+                            // SAFETY: AVX-512 BF16 was detected; both slices hold k values.
+                            fill_rows(y, |r| unsafe { bf16dot::dot(xb, &w[r * k..(r + 1) * k]) });
+                            return Ok(());
+                        }
+                        fill_rows(y, |r| dot(x, &w[r * k..(r + 1) * k]));
+                    }
+                    candle_core::Storage::Cpu(CpuStorage::F32(w)) => {
+                        let w = &w[off..off + out * k];
+                        fill_rows(y, |r| dot_f32(x, &w[r * k..(r + 1) * k]));
+                    }
+                    _ => return Err(Error::Request("mat-vec needs an f32 or bf16 weight on the CPU".into())),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `y[r] = f(r)`, rows split evenly over the threads (about eight tasks per thread).
+fn fill_rows(y: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
+    let threads = rayon::current_num_threads().max(1);
+    let per = y.len().div_ceil(threads * 8).max(16);
+    team::parallel_chunks(y, per, |t, ys| {
+        for (i, v) in ys.iter_mut().enumerate() {
+            *v = f(t * per + i);
+        }
+    });
+}
+
+/// `x · w` in f32 with independent lanes (vectorised by the compiler).
+fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for (xc, wc) in x.chunks_exact(16).zip(w.chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] += xc[i] * wc[i];
+        }
+    }
+    let tail = x.len() / 16 * 16;
+    acc.iter().sum::<f32>() + x[tail..].iter().zip(&w[tail..]).map(|(a, b)| a * b).sum::<f32>()
 }
 
 /// `x` `[.., in]` times `w` `[out, in]` transposed → `[.., out]`.

@@ -138,7 +138,7 @@ mod x86 {
     /// unsigned.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn runs<F: Fn(usize, &mut [__m512i; 2])>(d: &[f16], x: XRow<'_>, chunks: F, offset: f32, qtype: QType, w: &[u8]) -> f32 {
+    unsafe fn runs<F: Fn(usize, &mut [__m512i; 4])>(d: &[f16], x: XRow<'_>, chunks: F, offset: f32, qtype: QType, w: &[u8]) -> f32 {
         let nb = d.len();
         let mut acc = _mm512_setzero_ps();
         let mut corr = _mm512_setzero_ps();
@@ -147,12 +147,18 @@ mod x86 {
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().add(b).cast()));
             let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d.as_ptr().add(b)));
             corr = _mm512_fmadd_ps(dw, _mm512_loadu_ps(x.ds.as_ptr().add(b)), corr);
-            let mut a = [_mm512_setzero_si512(); 2];
+            let mut a = [_mm512_setzero_si512(); 4];
             chunks(b / GROUP, &mut a);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a[0], a[1])), scale, acc);
+            let sum = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc);
             b += GROUP;
         }
-        _mm512_reduce_add_ps(acc) - offset * _mm512_reduce_add_ps(corr) + blocks_scalar(qtype, w, d, x, b)
+        let total = _mm512_reduce_add_ps(_mm512_fmadd_ps(corr, _mm512_set1_ps(-offset), acc));
+        if b < nb {
+            total + blocks_scalar(qtype, w, d, x, b)
+        } else {
+            total
+        }
     }
 
     #[inline]
@@ -165,11 +171,11 @@ mod x86 {
     pub unsafe fn q8_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
         let flip = _mm512_set1_epi8(-128);
         let run = GROUP * BLOCK;
-        let chunks = |g: usize, a: &mut [__m512i; 2]| {
+        let chunks = |g: usize, a: &mut [__m512i; 4]| {
             let (wp, xp) = (w.as_ptr().add(g * run), x.qi.as_ptr().add(g * run).cast::<u8>());
             for t in 0..8 {
                 let wv = _mm512_xor_si512(load(wp.add(64 * t)), flip);
-                a[t & 1] = _mm512_dpbusd_epi32(a[t & 1], wv, load(xp.add(64 * t)));
+                a[t & 3] = _mm512_dpbusd_epi32(a[t & 3], wv, load(xp.add(64 * t)));
             }
         };
         runs(d, x, chunks, 128.0, QType::Q8_0, w)
@@ -179,14 +185,15 @@ mod x86 {
     pub unsafe fn q4_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
         let low = _mm512_set1_epi8(0x0F);
         let run = GROUP * BLOCK;
-        let chunks = |g: usize, a: &mut [__m512i; 2]| {
+        let chunks = |g: usize, a: &mut [__m512i; 4]| {
             let (wp, xp) = (w.as_ptr().add(g * run / 2), x.qi.as_ptr().add(g * run).cast::<u8>());
             for t in 0..4 {
                 let v = load(wp.add(64 * t));
                 let lo = _mm512_and_si512(v, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                a[0] = _mm512_dpbusd_epi32(a[0], lo, load(xp.add(128 * t)));
-                a[1] = _mm512_dpbusd_epi32(a[1], hi, load(xp.add(128 * t + 64)));
+                let h = 2 * (t & 1);
+                a[h] = _mm512_dpbusd_epi32(a[h], lo, load(xp.add(128 * t)));
+                a[h + 1] = _mm512_dpbusd_epi32(a[h + 1], hi, load(xp.add(128 * t + 64)));
             }
         };
         runs(d, x, chunks, 8.0, QType::Q4_0, w)
