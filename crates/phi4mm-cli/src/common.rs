@@ -22,7 +22,7 @@ pub struct ModelArgs {
     /// Device: cpu, or cuda[:N] in a build with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Quantise the decoder's weights at load: none (as stored), q8_0 or q4_0 (CPU only).
+    /// Quantise the decoder's weights at load: none (as stored), q8_0, q6_0 or q4_0 (CPU only).
     /// A checkpoint written by `phi4mm quantize` loads in its own format without this.
     #[arg(long, default_value = "none")]
     pub quant: String,

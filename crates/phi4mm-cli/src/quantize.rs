@@ -12,7 +12,7 @@ pub struct QuantizeArgs {
     /// Source model directory, or a hub id resolved in the Hugging Face cache.
     #[arg(long, short = 'm', default_value = phi4mm::hub::OFFICIAL_ID)]
     pub model: String,
-    /// Format: q8_0 or q4_0.
+    /// Format: q8_0, q6_0 or q4_0.
     #[arg(long, default_value = "q4_0")]
     pub quant: String,
     /// Output directory (created; must not hold a model.safetensors yet).
@@ -28,7 +28,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let qtype = phi4mm::quant::QType::parse(&a.quant)?
-        .with_context(|| format!("--quant {} is not a quantised format (use q8_0 or q4_0)", a.quant))?;
+        .with_context(|| format!("--quant {} is not a quantised format (use q8_0, q6_0 or q4_0)", a.quant))?;
     let src = phi4mm::hub::resolve_model(&a.model)?;
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -5,6 +5,8 @@
 //! * Q8_0: `w = d·q`, `q` int8, `d = max|w| / 127`, `q = round(w / d)` — 8.5 bits per weight.
 //! * Q4_0: `w = d·(q − 8)`, `q` in 0..=15, `d = m / −8` where `m` is the weight of largest
 //!   magnitude (sign kept), `q = min(15, trunc(w/d + 8.5))` — 4.5 bits per weight.
+//! * Q6_0 (ours; the 6-bit LM head of Q4_0 models, as llama.cpp gives them a 6-bit Q6_K head):
+//!   the Q4_0 rule with 64 levels, `w = d·(q − 32)`, `d = m / −32` — 6.5 bits per weight.
 //!
 //! Storage differs from GGML's interleaved blocks: a matrix keeps its quants and its scales in
 //! two arrays (`qs` `[rows, row_bytes]`, `d` `[rows, cols/32]` f16), and inside a row every run
@@ -15,6 +17,12 @@
 //! costs one int→float conversion and one multiply-add (see `kernels::qdot`). Blocks after the
 //! last whole run are stored one after another (Q4_0: two blocks share 32 bytes, the first in
 //! the low nibbles; a lone last block packs weight `i` low and `i + 16` high, as GGML does).
+//! Q6_0 stores the low four bits of each quant exactly as Q4_0 does (256 bytes per run),
+//! followed by the top two bits (128 bytes per run): for nibble chunk `t`, the bits of its
+//! low-nibble values sit at bits `4(t mod 2)..+2` of high-bit chunk `t/2` (same byte
+//! positions), those of its high-nibble values two bits above. A tail block is its 16 nibble
+//! bytes (weight `i` low, `i + 16` high) then 8 bytes with weight `i`'s top bits at byte
+//! `i mod 8`, bits `2(i/8)..+2`.
 
 use std::sync::Arc;
 
@@ -34,6 +42,7 @@ pub const GROUP: usize = 16;
 pub enum QType {
     Q8_0,
     Q4_0,
+    Q6_0,
 }
 
 impl QType {
@@ -44,8 +53,9 @@ impl QType {
             "" | "none" | "bf16" => Ok(None),
             "q8_0" | "q8" => Ok(Some(QType::Q8_0)),
             "q4_0" | "q4" => Ok(Some(QType::Q4_0)),
+            "q6_0" | "q6" => Ok(Some(QType::Q6_0)),
             other => Err(Error::Request(format!(
-                "unknown weight format `{other}` (use none, q8_0 or q4_0)"
+                "unknown weight format `{other}` (use none, q8_0, q6_0 or q4_0)"
             ))),
         }
     }
@@ -55,6 +65,7 @@ impl QType {
         match self {
             QType::Q8_0 => "q8_0",
             QType::Q4_0 => "q4_0",
+            QType::Q6_0 => "q6_0",
         }
     }
 
@@ -68,19 +79,21 @@ impl QType {
         match self {
             QType::Q8_0 => BLOCK,
             QType::Q4_0 => BLOCK / 2,
+            QType::Q6_0 => BLOCK / 2 + BLOCK / 4,
         }
     }
 
     /// Within a run of 16 interleaved blocks, the weight (`block·32 + i`) that the `p`-th
-    /// value of the run's storage order holds (Q4_0: each 64-byte chunk's low nibbles, then its
-    /// high nibbles). Kernels that decode a run in storage order permute activations with it.
+    /// value of the run's storage order holds (Q4_0 and Q6_0: each 64-byte chunk's low nibbles,
+    /// then its high nibbles). Kernels that decode a run in storage order permute activations
+    /// with it.
     pub fn run_order(self, p: usize) -> usize {
         match self {
             QType::Q8_0 => {
                 let (t, r) = (p / 64, p % 64);
                 (r / 4) * BLOCK + 4 * t + r % 4
             }
-            QType::Q4_0 => {
+            QType::Q4_0 | QType::Q6_0 => {
                 let (t, r) = (p / 128, p % 128);
                 let (h, r) = (r / 64, r % 64);
                 (r / 4) * BLOCK + h * 16 + 4 * t + r % 4
@@ -259,20 +272,27 @@ pub fn quantize_row(qtype: QType, x: &[f32], q: &mut [u8], d: &mut [f16]) {
         let xs = &x[b * BLOCK..(b + 1) * BLOCK];
         d[b] = match qtype {
             QType::Q8_0 => quantize_block_q8(xs, v),
-            QType::Q4_0 => quantize_block_q4(xs, v),
+            QType::Q4_0 => quantize_block_signed_max(xs, v, 8),
+            QType::Q6_0 => quantize_block_signed_max(xs, v, 32),
         };
     }
     let runs = nb / GROUP;
     let bb = qtype.block_bytes();
     for g in 0..runs {
         let out = &mut q[g * GROUP * bb..(g + 1) * GROUP * bb];
+        out.fill(0);
         for (j, v) in vals[g * GROUP..(g + 1) * GROUP].iter().enumerate() {
-            for i in 0..bb {
+            let nibbles = if qtype == QType::Q8_0 { bb } else { BLOCK / 2 };
+            for i in 0..nibbles {
                 let (t, e) = (i / 4, i % 4);
                 out[t * 64 + j * 4 + e] = match qtype {
                     QType::Q8_0 => v[i],
-                    QType::Q4_0 => v[i] | (v[i + 16] << 4),
+                    QType::Q4_0 | QType::Q6_0 => (v[i] & 0x0F) | (v[i + 16] << 4),
                 };
+                if qtype == QType::Q6_0 {
+                    let shift = 4 * (t % 2);
+                    out[256 + (t / 2) * 64 + j * 4 + e] |= ((v[i] >> 4) << shift) | ((v[i + 16] >> 4) << (shift + 2));
+                }
             }
         }
     }
@@ -293,6 +313,17 @@ pub fn quantize_row(qtype: QType, x: &[f32], q: &mut [u8], d: &mut [f16]) {
             QType::Q4_0 => {
                 for i in 0..BLOCK / 2 {
                     out[i] = vals[b][i] | (vals[b][i + BLOCK / 2] << 4);
+                }
+                b += 1;
+            }
+            QType::Q6_0 => {
+                out[..bb].fill(0);
+                for i in 0..BLOCK {
+                    let v = vals[b][i];
+                    if i < BLOCK / 2 {
+                        out[i] = (v & 0x0F) | (vals[b][i + BLOCK / 2] << 4);
+                    }
+                    out[BLOCK / 2 + i % 8] |= (v >> 4) << (2 * (i / 8));
                 }
                 b += 1;
             }
@@ -337,23 +368,24 @@ pub fn to_run_order<T: Copy>(src: &[T], dst: &mut [T], k: usize, qtype: QType) {
     }
 }
 
-/// One Q4_0 block: unsigned quants (0..=15) into `q`, returns the scale.
-fn quantize_block_q4(x: &[f32], q: &mut [u8; BLOCK]) -> f16 {
+/// One Q4_0 (`half` = 8) or Q6_0 (`half` = 32) block: unsigned quants (0..2·half) into `q`,
+/// returns the scale `m / −half` (`m` the value of largest magnitude).
+fn quantize_block_signed_max(x: &[f32], q: &mut [u8; BLOCK], half: i32) -> f16 {
     let mut m = 0f32;
     for &v in x {
         if v.abs() > m.abs() {
             m = v;
         }
     }
-    let scale = m / -8.0;
+    let scale = m / -(half as f32);
     let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
     for (o, &v) in q.iter_mut().zip(x) {
-        *o = ((v * inv + 8.5) as i32).clamp(0, 15) as u8;
+        *o = ((v * inv + half as f32 + 0.5) as i32).clamp(0, 2 * half - 1) as u8;
     }
     f16::from_f32(scale)
 }
 
-/// The signed quants of block `b` of a row of `nb` blocks (Q4_0: `q − 8`).
+/// The signed quants of block `b` of a row of `nb` blocks (Q4_0: `q − 8`, Q6_0: `q − 32`).
 #[inline]
 pub fn unpack_block(qtype: QType, q: &[u8], b: usize, nb: usize, out: &mut [i8; BLOCK]) {
     let runs = nb / GROUP;
@@ -361,13 +393,20 @@ pub fn unpack_block(qtype: QType, q: &[u8], b: usize, nb: usize, out: &mut [i8; 
     if b < runs * GROUP {
         let (g, j) = (b / GROUP, b % GROUP);
         let run = &q[g * GROUP * bb..(g + 1) * GROUP * bb];
-        for i in 0..bb {
-            let byte = run[(i / 4) * 64 + j * 4 + i % 4];
+        let nibbles = if qtype == QType::Q8_0 { bb } else { BLOCK / 2 };
+        for i in 0..nibbles {
+            let (t, e) = (i / 4, i % 4);
+            let byte = run[t * 64 + j * 4 + e];
             match qtype {
                 QType::Q8_0 => out[i] = byte as i8,
                 QType::Q4_0 => {
                     out[i] = (byte & 0x0F) as i8 - 8;
                     out[i + 16] = (byte >> 4) as i8 - 8;
+                }
+                QType::Q6_0 => {
+                    let top = run[256 + (t / 2) * 64 + j * 4 + e] >> (4 * (t % 2));
+                    out[i] = ((byte & 0x0F) | ((top & 3) << 4)) as i8 - 32;
+                    out[i + 16] = ((byte >> 4) | (((top >> 2) & 3) << 4)) as i8 - 32;
                 }
             }
         }
@@ -377,6 +416,14 @@ pub fn unpack_block(qtype: QType, q: &[u8], b: usize, nb: usize, out: &mut [i8; 
         QType::Q8_0 => {
             for (o, &v) in out.iter_mut().zip(&q[b * BLOCK..(b + 1) * BLOCK]) {
                 *o = v as i8;
+            }
+        }
+        QType::Q6_0 => {
+            let bytes = &q[b * bb..(b + 1) * bb];
+            for i in 0..BLOCK {
+                let nib = if i < BLOCK / 2 { bytes[i] & 0x0F } else { bytes[i - BLOCK / 2] >> 4 };
+                let top = (bytes[BLOCK / 2 + i % 8] >> (2 * (i / 8))) & 3;
+                out[i] = (nib | (top << 4)) as i8 - 32;
             }
         }
         QType::Q4_0 => {
@@ -491,7 +538,7 @@ mod tests {
 
     #[test]
     fn blocks_round_trip_exactly() -> Result<()> {
-        for qtype in [QType::Q8_0, QType::Q4_0] {
+        for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
             for cols in [32, 64, 96, 512, 544, 608, 3072] {
                 let rows = 5;
                 let w = sample(rows * cols, cols as u64);
@@ -510,6 +557,7 @@ mod tests {
                     let step = match qtype {
                         QType::Q8_0 => amax / 127.0,
                         QType::Q4_0 => amax / 4.0,
+                        QType::Q6_0 => amax / 16.0,
                     };
                     for (a, c) in x.iter().zip(y) {
                         assert!((a - c).abs() <= 0.5 * step + 2e-3 * amax, "{qtype:?} block {b}: {a} vs {c}");
@@ -536,6 +584,11 @@ mod tests {
         unpack_block(QType::Q4_0, m.qs(), 0, 1, &mut vals);
         assert_eq!(vals[31], -8);
         assert_eq!(vals[0], 0);
+        // Q6_0: the same rule with 64 levels.
+        let m = QMatrix::quantize(QType::Q6_0, &neg, 1, 32)?;
+        assert_eq!(m.scales()[0], f16::from_f32(31.0 / 32.0));
+        unpack_block(QType::Q6_0, m.qs(), 0, 1, &mut vals);
+        assert_eq!((vals[31], vals[0], vals[16]), (-32, 0, -17)); // −16 / (31/32) = −16.5 → −17
         // A zero block stays zero.
         let m = QMatrix::quantize(QType::Q4_0, &[0.0; 64], 1, 64)?;
         assert!(m.qs().iter().all(|&b| b == 0x88));

@@ -80,6 +80,7 @@ fn drift_from_f32_is_small_and_reported() {
         (None, KvFormat::Dense, 1e-5f32, 0.999_999),
         (None, KvFormat::Q8, 0.1, 0.98),
         (Some(QType::Q8_0), KvFormat::Dense, 0.1, 0.98),
+        (Some(QType::Q6_0), KvFormat::Dense, 0.2, 0.95),
         (Some(QType::Q4_0), KvFormat::Dense, 0.6, 0.6),
         (Some(QType::Q4_0), KvFormat::Q8, 0.6, 0.6),
     ] {

@@ -568,7 +568,7 @@ mod tests {
     fn quantised_matrix_matches_dequantised_product() -> crate::error::Result<()> {
         use crate::quant::QType;
         let dev = Device::Cpu;
-        for qtype in [QType::Q8_0, QType::Q4_0] {
+        for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
             for (n, k, out) in [(1, 64, 37), (3, 96, 50), (9, 3072, 20), (70, 160, 130)] {
                 let wf = Tensor::randn(0f32, 1.0, (out, k), &dev)?;
                 let q = QMatrix::quantize(qtype, &wf.flatten_all()?.to_vec1()?, out, k)?;

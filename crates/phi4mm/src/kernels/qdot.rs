@@ -56,6 +56,7 @@ pub fn select(qtype: QType) -> QDot {
             return match qtype {
                 QType::Q8_0 => x86::q8_avx512,
                 QType::Q4_0 => x86::q4_avx512,
+                QType::Q6_0 => x86::q6_avx512,
             };
         }
         if std::arch::is_x86_feature_detected!("avx2")
@@ -65,12 +66,18 @@ pub fn select(qtype: QType) -> QDot {
             return match qtype {
                 QType::Q8_0 => x86::q8_avx2,
                 QType::Q4_0 => x86::q4_avx2,
+                QType::Q6_0 => x86::q6_avx2,
             };
         }
     }
+    scalar(qtype)
+}
+
+fn scalar(qtype: QType) -> QDot {
     match qtype {
         QType::Q8_0 => q8_scalar,
         QType::Q4_0 => q4_scalar,
+        QType::Q6_0 => q6_scalar,
     }
 }
 
@@ -83,16 +90,26 @@ pub fn all(qtype: QType) -> Vec<(&'static str, QDot)> {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
         {
-            v.push(("avx512-vnni", if qtype == QType::Q8_0 { x86::q8_avx512 } else { x86::q4_avx512 }));
+            let k: QDot = match qtype {
+                QType::Q8_0 => x86::q8_avx512,
+                QType::Q4_0 => x86::q4_avx512,
+                QType::Q6_0 => x86::q6_avx512,
+            };
+            v.push(("avx512-vnni", k));
         }
         if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
         {
-            v.push(("avx2", if qtype == QType::Q8_0 { x86::q8_avx2 } else { x86::q4_avx2 }));
+            let k: QDot = match qtype {
+                QType::Q8_0 => x86::q8_avx2,
+                QType::Q4_0 => x86::q4_avx2,
+                QType::Q6_0 => x86::q6_avx2,
+            };
+            v.push(("avx2", k));
         }
     }
-    v.push(("scalar", if qtype == QType::Q8_0 { q8_scalar } else { q4_scalar }));
+    v.push(("scalar", scalar(qtype)));
     v
 }
 
@@ -122,6 +139,10 @@ unsafe fn q8_scalar(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
 
 unsafe fn q4_scalar(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
     blocks_scalar(QType::Q4_0, w, d, x, 0)
+}
+
+unsafe fn q6_scalar(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+    blocks_scalar(QType::Q6_0, w, d, x, 0)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -199,6 +220,38 @@ mod x86 {
         runs(d, x, chunks, 8.0, QType::Q4_0, w)
     }
 
+    /// The top two bits of a Q6_0 nibble chunk `t`'s low-nibble and high-nibble values, moved
+    /// to bits 4–5 of each byte (other bits masked off later), from high-bit chunk `h`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn q6_tops(h: __m512i, t: usize) -> (__m512i, __m512i) {
+        if t % 2 == 0 {
+            (_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2))
+        } else {
+            (h, _mm512_srli_epi16(h, 2))
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn q6_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+        let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+        let run = GROUP * BLOCK;
+        let run_bytes = GROUP * QType::Q6_0.block_bytes();
+        let chunks = |g: usize, a: &mut [__m512i; 4]| {
+            let (wp, xp) = (w.as_ptr().add(g * run_bytes), x.qi.as_ptr().add(g * run).cast::<u8>());
+            for t in 0..4 {
+                let v = load(wp.add(64 * t));
+                let (tl, th) = q6_tops(load(wp.add(256 + 64 * (t / 2))), t);
+                let lo = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_and_si512(tl, top));
+                let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), _mm512_and_si512(th, top));
+                let h = 2 * (t & 1);
+                a[h] = _mm512_dpbusd_epi32(a[h], lo, load(xp.add(128 * t)));
+                a[h + 1] = _mm512_dpbusd_epi32(a[h + 1], hi, load(xp.add(128 * t + 64)));
+            }
+        };
+        runs(d, x, chunks, 32.0, QType::Q6_0, w)
+    }
+
     /// AVX2 version of [`runs`]: two 8-lane accumulators per run (blocks 0–7 and 8–15);
     /// `chunks(g, a)` adds 16-bit pair sums widened to 32 bits.
     #[inline]
@@ -274,6 +327,35 @@ mod x86 {
         };
         runs_avx2(d, x, chunks, 8.0, QType::Q4_0, w)
     }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6_avx2(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let run = GROUP * BLOCK;
+        let run_bytes = GROUP * QType::Q6_0.block_bytes();
+        let chunks = |g: usize, a: &mut [__m256i; 2]| {
+            let (wp, xp) = (w.as_ptr().add(g * run_bytes), x.qi.as_ptr().add(g * run).cast::<u8>());
+            for t in 0..4 {
+                for (h, a) in a.iter_mut().enumerate() {
+                    let v = load2(wp.add(64 * t + 32 * h));
+                    let hb = load2(wp.add(256 + 64 * (t / 2) + 32 * h));
+                    let (tl, th) = if t % 2 == 0 {
+                        (_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 2))
+                    } else {
+                        (hb, _mm256_srli_epi16(hb, 2))
+                    };
+                    let lo = _mm256_or_si256(_mm256_and_si256(v, low), _mm256_and_si256(tl, top));
+                    let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), _mm256_and_si256(th, top));
+                    // 63·127·2 per 16-bit pair, twice: below 32767.
+                    let p_lo = _mm256_maddubs_epi16(lo, load2(xp.add(128 * t + 32 * h)));
+                    let p_hi = _mm256_maddubs_epi16(hi, load2(xp.add(128 * t + 64 + 32 * h)));
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(_mm256_add_epi16(p_lo, p_hi), ones));
+                }
+            }
+        };
+        runs_avx2(d, x, chunks, 32.0, QType::Q6_0, w)
+    }
 }
 
 #[cfg(test)]
@@ -284,7 +366,7 @@ mod tests {
 
     #[test]
     fn simd_matches_scalar_and_dequantised_product() -> crate::error::Result<()> {
-        for qtype in [QType::Q8_0, QType::Q4_0] {
+        for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
             // Widths with and without a 16-block vector part and odd block counts.
             for k in [32, 96, 512, 544, 3072, 8224] {
                 let rows = 3;
