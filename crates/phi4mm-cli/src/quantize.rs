@@ -49,11 +49,12 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     .with_context(|| format!("quantising {}", src.display()))?;
     bar.finish_and_clear();
     println!(
-        "wrote {} ({:.2} GiB, {} matrices {}, {} tensors copied) in {:.1} s",
+        "wrote {} ({:.2} GiB, {} matrices quantised: projections {}, LM head {}, LoRA adapters q8_0; {} tensors copied) in {:.1} s",
         s.path.display(),
         s.bytes as f64 / (1u64 << 30) as f64,
         s.quantized_tensors,
         qtype.name(),
+        qtype.head_format().name(),
         s.copied_tensors,
         t.elapsed().as_secs_f64()
     );

@@ -212,12 +212,11 @@ pub struct Decoder {
 
 impl Decoder {
     /// Loads `model.*` from the checkpoint in `dtype`, the projections quantised to `quant`
-    /// (the tied embedding / LM head to Q6_0 under Q4_0 and to Q8_0 otherwise, as llama.cpp
-    /// gives the output matrix Q6_K under its 4-bit formats and Q8_0 under Q8_0).
+    /// (the tied embedding / LM head to [`QType::head_format`]).
     pub fn load(cfg: &ModelConfig, w: &Weights, dtype: DType, device: &Device, quant: Option<QType>) -> Result<Self> {
         let m = w.root().pp("model");
         let (hid, vocab, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
-        let head_quant = quant.map(|q| if q == QType::Q4_0 { QType::Q6_0 } else { QType::Q8_0 });
+        let head_quant = quant.map(QType::head_format);
         let embed_tokens = m.pp("embed_tokens").matrix("weight", vocab, hid, dtype, head_quant)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

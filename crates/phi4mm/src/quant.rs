@@ -69,6 +69,17 @@ impl QType {
         }
     }
 
+    /// The format of the tied embedding / LM head when the projections are in `self`: Q6_0
+    /// under Q4_0 and Q8_0 otherwise (llama.cpp gives the output matrix Q6_K under its 4-bit
+    /// formats and keeps Q8_0 under Q8_0).
+    pub fn head_format(self) -> QType {
+        if self == QType::Q4_0 {
+            QType::Q6_0
+        } else {
+            QType::Q8_0
+        }
+    }
+
     /// Bytes of quants in one row of `cols` weights.
     pub fn row_bytes(self, cols: usize) -> usize {
         cols / BLOCK * self.block_bytes()
