@@ -38,11 +38,10 @@ pub unsafe fn dot(x: &[bf16], w: &[bf16]) -> f32 {
     let mut acc = [_mm512_setzero_ps(); 2];
     let mut i = 0;
     while i + 64 <= k {
-        // Weights 4 KiB ahead: decode is bound by memory bandwidth, and more misses in flight
-        // than the hardware prefetcher keeps took bf16 decode from 3.9 to 4.7 tok/s (the same
-        // for the quantised kernels made them slower).
-        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + 2048).cast());
-        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + 2048 + 32).cast());
+        // No software prefetch: with the decode step's spinning team, prefetching 4 KiB ahead
+        // made bf16 decode slower (4.0–4.1 against 5.3–5.7 tok/s without, alternating runs of
+        // `phi4mm bench --gen-tokens 32` on the full decoder); it had helped (3.9 → 4.7) when
+        // each mat-vec went through rayon separately.
         for (h, a) in acc.iter_mut().enumerate() {
             let xv = load(x.as_ptr().add(i + 32 * h));
             let wv = load(w.as_ptr().add(i + 32 * h));
