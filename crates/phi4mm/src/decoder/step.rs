@@ -80,26 +80,30 @@ impl Decoder {
     /// One token: `embed` `[1, hidden]` at position `pos` (the cache holds `0..pos`) → the
     /// final normalised hidden state `[1, hidden]`.
     pub(super) fn step(&self, embed: &Tensor, pos: usize, long: bool, cache: &mut KvCache, adapter: Option<Adapter>) -> Result<Tensor> {
-        // The pool's other workers spin for the step's ~130 mat-vecs (see `kernels::team`).
-        team::with_team(|| {
+        let x0: Vec<f32> = embed.to_dtype(self.dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        // The pool's other workers spin for the step's ~130 mat-vecs (see `kernels::team`;
+        // no tensor op runs inside).
+        let out = team::with_team(|| {
             if self.dtype == DType::BF16 {
-                self.step_as::<Bf16Act>(embed, pos, long, cache, adapter)
+                self.step_as::<Bf16Act>(&x0, pos, long, cache, adapter)
             } else {
-                self.step_as::<F32Act>(embed, pos, long, cache, adapter)
+                self.step_as::<F32Act>(&x0, pos, long, cache, adapter)
             }
-        })
+        })?;
+        Ok(Tensor::from_vec(out, (1, self.hidden), &self.device)?.to_dtype(self.dtype)?)
     }
 
-    /// [`Decoder::step`] with activations rounded as `A`.
-    fn step_as<A: Act>(&self, embed: &Tensor, pos: usize, long: bool, cache: &mut KvCache, adapter: Option<Adapter>) -> Result<Tensor> {
+    /// [`Decoder::step`] with activations rounded as `A`: embedding `x0` `[hidden]` → final
+    /// normalised hidden state `[hidden]`.
+    fn step_as<A: Act>(&self, x0: &[f32], pos: usize, long: bool, cache: &mut KvCache, adapter: Option<Adapter>) -> Result<Vec<f32>> {
         let rd = A::round;
         let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
-        let x0: Vec<f32> = embed.to_dtype(self.dtype)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let out = BUFFERS.with(|b| -> Result<Vec<f32>> {
             let mut b = b.borrow_mut();
             let b = &mut *b;
             let inter = self.layers.first().map_or(0, |l| l.mlp.inter);
-            b.x.clone_from(&x0);
+            b.x.clear();
+            b.x.extend_from_slice(x0);
             b.xn.resize(self.hidden, 0.0);
             b.proj.resize(self.hidden, 0.0);
             b.qkv.resize((h + 2 * kv) * d, 0.0);
@@ -142,6 +146,6 @@ impl Decoder {
             self.norm.apply::<A>(&b.x, &mut out);
             Ok(out)
         })?;
-        Ok(Tensor::from_vec(out, (1, self.hidden), &self.device)?.to_dtype(self.dtype)?)
+        Ok(out)
     }
 }

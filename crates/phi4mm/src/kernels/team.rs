@@ -4,10 +4,12 @@
 //! full decoder. Inside [`with_team`] the pool's other workers stay in a spin loop and take
 //! the tasks of each [`parallel_for`] as soon as it is published.
 //!
-//! Tasks are claimed from one word holding (epoch, task count, next task), so a late helper can never
-//! run a finished job: its claim fails once the epoch moves on, and the publisher waits until
-//! every claimed task is done before the job's closure goes out of scope. The publisher works
-//! too, so a helper that never arrives only costs speed.
+//! Tasks are claimed from one word holding (epoch, task count, next task), so a late helper
+//! can never run a finished job: its claim fails once the epoch moves on, and the publisher
+//! waits until every claimed task is done before the job's closure goes out of scope. The
+//! publisher works too, so a helper that never arrives only costs speed. Code inside the team
+//! should not use rayon directly (its workers are busy spinning); if it does, a helper that
+//! rayon runs on the team's own thread returns at once instead of waiting for itself.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -49,6 +51,7 @@ impl Shared {
                     // closure the pointer was made from is alive; the two words are that pointer.
                     let job: *const Job<'static> = unsafe { std::mem::transmute::<[usize; 2], *const Job<'static>>(parts) };
                     let _count = Done(&self.done);
+                    // SAFETY: as above.
                     unsafe { (*job)(next as usize) };
                     s = self.state.load(Ordering::Acquire);
                 }
@@ -59,6 +62,11 @@ impl Shared {
 
     /// A helper's loop: take tasks as they appear until the team ends.
     fn help(&self) {
+        // On the team's own thread (rayon can run a queued helper there while that thread
+        // waits inside some other parallel call), spinning would wait for itself.
+        if CURRENT.with(|c| std::ptr::eq(c.get(), self)) {
+            return;
+        }
         let mut idle = 0u32;
         while !self.exit.load(Ordering::Acquire) {
             if claimable(self.state.load(Ordering::Acquire)) {
@@ -137,11 +145,11 @@ pub fn with_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         exit: AtomicBool::new(false),
     };
     rayon::scope(|scope| {
+        CURRENT.with(|c| c.set(&shared));
+        let _exit = Exit(&shared);
         for _ in 1..threads {
             scope.spawn(|_| shared.help());
         }
-        CURRENT.with(|c| c.set(&shared));
-        let _exit = Exit(&shared);
         f()
     })
 }
@@ -220,6 +228,19 @@ mod tests {
                 run(&mut hits);
             }
             assert!(hits.iter().all(|&h| h == 200), "team={team}");
+        }
+    }
+
+    #[test]
+    fn rayon_inside_a_team_does_not_deadlock() {
+        for _ in 0..50 {
+            let total: u64 = with_team(|| {
+                let a: u64 = (0..10_000u64).into_par_iter().map(|i| i % 7).sum();
+                let mut v = vec![0u64; 64];
+                parallel_chunks(&mut v, 8, |i, c| c.iter_mut().for_each(|x| *x = i as u64));
+                a + v.iter().sum::<u64>()
+            });
+            assert_eq!(total, (0..10_000u64).map(|i| i % 7).sum::<u64>() + 8 * (0..8).sum::<u64>());
         }
     }
 }
