@@ -5,15 +5,16 @@
 //!
 //! * few rows (decode, ≤ 4): one dot product per weight row, rows split evenly over the
 //!   threads — bf16 rows with `vdpbf16ps` (bf16 activations) or widened in registers (f32),
-//!   quantised rows against int8-quantised activations with `vpdpbusd` ([`qdot`]);
+//!   quantised rows against int8-quantised activations with `vpdpbusd` ([`qdot`]); the
+//!   decode step calls [`Matrix::matvec`] directly, inside a spinning [`team`];
 //! * many rows (prefill, encoders): blocks of weight rows kept in L2 (dequantised to bf16 first
-//!   for quantised weights) and multiplied by a 4×6 `vdpbf16ps` register tile over panels of
+//!   for quantised weights) and multiplied by a 4×4 `vdpbf16ps` register tile over panels of
 //!   activation rows; without AVX-512 BF16, or for f32 activations, the block is widened to f32
 //!   and multiplied with an f32 GEMM.
 //!
 //! Accumulation is in f32, as PyTorch's CPU bf16 matmul does; a bf16 input gives a bf16
 //! output. Other dtypes and devices use the backend's own matmul. Threads come from rayon's
-//! one persistent pool.
+//! one persistent pool (borrowed as a spinning team during a decode step).
 
 mod bf16dot;
 pub mod elementwise;
