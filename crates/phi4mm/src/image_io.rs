@@ -132,49 +132,53 @@ fn to_rgb(img: DynamicImage) -> RgbImage {
 mod tests {
     use super::*;
 
-    fn encode(img: DynamicImage, fmt: image::ImageFormat) -> Vec<u8> {
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    fn encode(img: DynamicImage, fmt: image::ImageFormat) -> std::result::Result<Vec<u8>, image::ImageError> {
         let mut out = Cursor::new(Vec::new());
-        img.write_to(&mut out, fmt).unwrap();
-        out.into_inner()
+        img.write_to(&mut out, fmt)?;
+        Ok(out.into_inner())
     }
 
     #[test]
-    fn every_format_decodes_to_rgb() {
+    fn every_format_decodes_to_rgb() -> TestResult {
         let rgb = image::RgbImage::from_fn(7, 5, |x, y| image::Rgb([x as u8 * 30, y as u8 * 40, 200]));
         let base = DynamicImage::ImageRgb8(rgb.clone());
         use image::ImageFormat as F;
         for fmt in [F::Png, F::Bmp, F::Tiff, F::Pnm, F::Gif, F::WebP] {
-            let img = decode_image(&encode(base.clone(), fmt), &ImageLimits::default())
-                .unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
+            let img = decode_image(&encode(base.clone(), fmt)?, &ImageLimits::default())
+                .map_err(|e| format!("{fmt:?}: {e}"))?;
             assert_eq!((img.width, img.height), (7, 5), "{fmt:?}");
             if fmt != F::Gif {
                 assert_eq!(img.data, rgb.as_raw().clone(), "{fmt:?}");
             }
         }
-        let jpg = decode_image(&encode(base, F::Jpeg), &ImageLimits::default()).unwrap();
+        let jpg = decode_image(&encode(base, F::Jpeg)?, &ImageLimits::default())?;
         assert_eq!(jpg.data.len(), 7 * 5 * 3);
+        Ok(())
     }
 
     #[test]
-    fn alpha_is_dropped_and_grey_replicated() {
+    fn alpha_is_dropped_and_grey_replicated() -> TestResult {
         let rgba = image::RgbaImage::from_fn(2, 1, |x, _| image::Rgba([10, 20, 30, x as u8 * 255]));
-        let img = decode_image(&encode(DynamicImage::ImageRgba8(rgba), image::ImageFormat::Png), &ImageLimits::default()).unwrap();
+        let img = decode_image(&encode(DynamicImage::ImageRgba8(rgba), image::ImageFormat::Png)?, &ImageLimits::default())?;
         assert_eq!(img.data, vec![10, 20, 30, 10, 20, 30]);
         let grey = image::GrayImage::from_fn(2, 1, |x, _| image::Luma([x as u8 * 100 + 5]));
-        let img = decode_image(&encode(DynamicImage::ImageLuma8(grey), image::ImageFormat::Png), &ImageLimits::default()).unwrap();
+        let img = decode_image(&encode(DynamicImage::ImageLuma8(grey), image::ImageFormat::Png)?, &ImageLimits::default())?;
         assert_eq!(img.data, vec![5, 5, 5, 105, 105, 105]);
         let g16 = image::ImageBuffer::<image::Luma<u16>, _>::from_fn(2, 1, |x, _| image::Luma([x as u16 * 1000 + 7]));
-        let img = decode_image(&encode(DynamicImage::ImageLuma16(g16), image::ImageFormat::Png), &ImageLimits::default()).unwrap();
+        let img = decode_image(&encode(DynamicImage::ImageLuma16(g16), image::ImageFormat::Png)?, &ImageLimits::default())?;
         assert_eq!(img.data, vec![7, 7, 7, 255, 255, 255]);
+        Ok(())
     }
 
     #[test]
-    fn bad_inputs_are_clear_errors() {
+    fn bad_inputs_are_clear_errors() -> TestResult {
         let lim = ImageLimits::default();
         let msg = |r: Result<RgbImage>| r.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg(decode_image(&[], &lim)).contains("empty"));
         assert!(msg(decode_image(b"definitely not an image", &lim)).contains("unsupported"));
-        let png = encode(DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)), image::ImageFormat::Png);
+        let png = encode(DynamicImage::ImageRgb8(image::RgbImage::new(64, 64)), image::ImageFormat::Png)?;
         assert!(msg(decode_image(&png[..png.len() / 2], &lim)).contains("decode"));
         // A header that claims 30000×30000 (a decompression bomb in waiting).
         let mut huge = b"P6\n30000 30000\n255\n".to_vec();
@@ -183,5 +187,6 @@ mod tests {
         assert!(e.contains("30000×30000") && e.contains("limit"), "{e}");
         let e = msg(load_image(Path::new("/nonexistent/x.png"), &lim));
         assert!(e.contains("/nonexistent/x.png"), "{e}");
+        Ok(())
     }
 }

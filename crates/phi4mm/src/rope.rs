@@ -131,23 +131,23 @@ pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, rotary_dims: usize) -> Resu
 mod tests {
     use super::*;
 
-    fn cfg() -> ModelConfig {
+    fn cfg() -> Result<ModelConfig> {
         let json = r#"{"model_type":"phi4mm","hidden_size":3072,"num_hidden_layers":1,
             "num_attention_heads":24,"num_key_value_heads":8,"intermediate_size":8192,
             "vocab_size":200064,"partial_rotary_factor":0.75,"max_position_embeddings":131072,
             "original_max_position_embeddings":4096,
             "rope_scaling":{"type":"longrope","short_factor":[1.0],"long_factor":[1.0]}}"#;
-        let mut c: ModelConfig = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+        let mut c: ModelConfig = serde_json::from_str(json).map_err(|e| crate::error::Error::Request(e.to_string()))?;
         if let Some(rs) = c.rope_scaling.as_mut() {
             rs.short_factor = vec![1.0; 48];
             rs.long_factor = (0..48).map(|i| 1.0 + i as f64).collect();
         }
-        c
+        Ok(c)
     }
 
     #[test]
     fn attention_factor_matches_spec() -> crate::error::Result<()> {
-        let r = Rope::new(&cfg());
+        let r = Rope::new(&cfg()?);
         assert!((r.attention_factor() as f64 - 1.1902380714238083).abs() < 1e-6);
         assert_eq!(r.rotary_dims(), 96);
         Ok(())
@@ -155,7 +155,7 @@ mod tests {
 
     #[test]
     fn long_switch_is_strictly_above_4096() -> crate::error::Result<()> {
-        let r = Rope::new(&cfg());
+        let r = Rope::new(&cfg()?);
         assert!(!r.is_long(4096));
         assert!(r.is_long(4097));
         Ok(())
