@@ -180,6 +180,13 @@ struct Layer {
     mlp: Mlp,
 }
 
+impl Layer {
+    /// The four projections (qkv, o, gate_up, down).
+    fn projections(&self) -> [&LoraLinear; 4] {
+        [&self.self_attn.qkv_proj, &self.self_attn.o_proj, &self.mlp.gate_up_proj, &self.mlp.down_proj]
+    }
+}
+
 fn lora_set(cfg: &ModelConfig) -> [(Adapter, Option<&crate::config::LoraConfig>); 2] {
     [
         (Adapter::Vision, cfg.vision_lora.as_ref()),
@@ -241,11 +248,7 @@ impl Decoder {
         };
         let steppable = device.is_cpu()
             && matches!(dtype, DType::F32 | DType::BF16)
-            && layers.iter().all(|l| {
-                [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj]
-                    .iter()
-                    .all(|p| p.has_matvec())
-            });
+            && layers.iter().all(|l| l.projections().iter().all(|p| p.has_matvec()));
         Ok(Decoder {
             embed_tokens,
             layers,
@@ -298,7 +301,7 @@ impl Decoder {
         let mut base = self.embed_tokens.nbytes() + self.lm_head.as_ref().map_or(0, Matrix::nbytes);
         let mut lora = 0;
         for l in &self.layers {
-            for p in [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj] {
+            for p in l.projections() {
                 let (b, a) = p.nbytes();
                 base += b;
                 lora += a;
@@ -309,12 +312,7 @@ impl Decoder {
 
     /// Whether every layer carries `adapter`.
     pub fn has_adapter(&self, adapter: Adapter) -> bool {
-        self.layers.iter().all(|l| {
-            l.self_attn.qkv_proj.has(adapter)
-                && l.self_attn.o_proj.has(adapter)
-                && l.mlp.gate_up_proj.has(adapter)
-                && l.mlp.down_proj.has(adapter)
-        })
+        self.layers.iter().all(|l| l.projections().iter().all(|p| p.has(adapter)))
     }
 
     /// Token embeddings `[n, hidden]`.

@@ -97,9 +97,7 @@ impl Rope {
         let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
-}
 
-impl Rope {
     /// Appends cos and sin of position `p` (`rotary_dims/2` values each, f32, scaled by the
     /// attention factor).
     pub fn push_cos_sin(&self, p: usize, long: bool, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {

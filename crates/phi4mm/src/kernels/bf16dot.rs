@@ -116,28 +116,10 @@ pub unsafe fn dequantize(qtype: QType, q: &[u8], d: &[half::f16], out: &mut [bf1
                     chunk(_mm512_loadu_si512(src.add(64 * t).cast()), scales, dst.add(64 * t));
                 }
             }
-            QType::Q4_0 => {
-                let (low, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
+            QType::Q4_0 | QType::Q6_0 => {
+                let bias = _mm512_set1_epi8(if qtype == QType::Q4_0 { 8 } else { 32 });
                 for t in 0..4 {
-                    let v = _mm512_loadu_si512(src.add(64 * t).cast());
-                    let lo = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
-                    let hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight);
-                    chunk(lo, scales, dst.add(128 * t));
-                    chunk(hi, scales, dst.add(128 * t + 64));
-                }
-            }
-            QType::Q6_0 => {
-                let (low, top, bias) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30), _mm512_set1_epi8(32));
-                for t in 0..4 {
-                    let v = _mm512_loadu_si512(src.add(64 * t).cast());
-                    let h = _mm512_loadu_si512(src.add(256 + 64 * (t / 2)).cast());
-                    let (tl, th) = if t % 2 == 0 {
-                        (_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2))
-                    } else {
-                        (h, _mm512_srli_epi16(h, 2))
-                    };
-                    let lo = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_and_si512(tl, top));
-                    let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), _mm512_and_si512(th, top));
+                    let (lo, hi) = super::qdot::x86::nibble_values(qtype, src, t);
                     chunk(_mm512_sub_epi8(lo, bias), scales, dst.add(128 * t));
                     chunk(_mm512_sub_epi8(hi, bias), scales, dst.add(128 * t + 64));
                 }

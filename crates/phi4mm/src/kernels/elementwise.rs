@@ -40,6 +40,18 @@ fn gelu_tanh_one(x: f32) -> f32 {
     0.5 * x * (1.0 + t)
 }
 
+/// `f` over every element, in chunks split over the threads.
+fn map_chunks<T: Copy + Default + Send + Sync>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![T::default(); x.len()];
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = f(x);
+        }
+    });
+    out
+}
+
 struct GeluTanh;
 
 impl CustomOp1 for GeluTanh {
@@ -50,25 +62,10 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = l.shape().elem_count();
         let off = l.start_offset();
-        const CHUNK: usize = 1 << 14;
         let out = match s {
-            CpuStorage::F32(v) => {
-                let mut out = vec![0f32; n];
-                out.par_chunks_mut(CHUNK).zip(v[off..off + n].par_chunks(CHUNK)).for_each(|(o, x)| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = gelu_tanh_one(x);
-                    }
-                });
-                CpuStorage::F32(out)
-            }
+            CpuStorage::F32(v) => CpuStorage::F32(map_chunks(&v[off..off + n], gelu_tanh_one)),
             CpuStorage::BF16(v) => {
-                let mut out = vec![bf16::ZERO; n];
-                out.par_chunks_mut(CHUNK).zip(v[off..off + n].par_chunks(CHUNK)).for_each(|(o, x)| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = bf16::from_f32(gelu_tanh_one(x.to_f32()));
-                    }
-                });
-                CpuStorage::BF16(out)
+                CpuStorage::BF16(map_chunks(&v[off..off + n], |x| bf16::from_f32(gelu_tanh_one(x.to_f32()))))
             }
             _ => candle_core::bail!("gelu-tanh: f32 or bf16 only"),
         };

@@ -150,10 +150,14 @@ impl Matrix {
     }
 }
 
-/// `y[r] = f(r)`, rows split evenly over the threads (about eight tasks per thread).
+/// Weight rows per task of a mat-vec with `out` rows: about eight tasks per thread.
+fn rows_per_task(out: usize) -> usize {
+    out.div_ceil(rayon::current_num_threads().max(1) * 8).max(16)
+}
+
+/// `y[r] = f(r)`, rows split evenly over the threads.
 fn fill_rows(y: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
-    let threads = rayon::current_num_threads().max(1);
-    let per = y.len().div_ceil(threads * 8).max(16);
+    let per = rows_per_task(y.len());
     team::parallel_chunks(y, per, |t, ys| {
         for (i, v) in ys.iter_mut().enumerate() {
             *v = f(t * per + i);
@@ -353,8 +357,7 @@ fn product(x: &Input<'_>, n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
 
 /// Decode path: `y[i, r] = f(r, i)` with weight rows split evenly over the threads.
 fn matvec(n: usize, out: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f32> {
-    let threads = rayon::current_num_threads().max(1);
-    let rows_per_task = out.div_ceil(threads * 8).max(16);
+    let rows_per_task = rows_per_task(out);
     // Work in [out, n] (each task owns whole weight rows), then transpose.
     let mut yt = vec![0f32; out * n];
     yt.par_chunks_mut(rows_per_task * n)

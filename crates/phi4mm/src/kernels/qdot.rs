@@ -146,7 +146,7 @@ unsafe fn q6_scalar(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use half::f16;
@@ -202,54 +202,53 @@ mod x86 {
         runs(d, x, chunks, 128.0, QType::Q8_0, w)
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q4_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+    /// The unsigned quants of 64-byte nibble chunk `t` (0..4) of a Q4_0 or Q6_0 run starting at
+    /// `run`: its low-nibble values and its high-nibble values, each 64 bytes in run order
+    /// (Q4_0: 0..=15; Q6_0: 0..=63, the top two bits taken from the run's high-bit chunk `t/2`,
+    /// see `quant`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(crate) unsafe fn nibble_values(qtype: QType, run: *const u8, t: usize) -> (__m512i, __m512i) {
         let low = _mm512_set1_epi8(0x0F);
+        let v = load(run.add(64 * t));
+        let (lo, hi) = (_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+        if qtype != QType::Q6_0 {
+            return (lo, hi);
+        }
+        // Bits 4(t mod 2)..+2 (low-nibble values) and two above (high-nibble values) moved to
+        // bits 4–5 of each byte; 16-bit shifts by at most 4 never move them across a byte.
+        let h = load(run.add(256 + 64 * (t / 2)));
+        let (tl, th) = if t % 2 == 0 { (_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2)) } else { (h, _mm512_srli_epi16(h, 2)) };
+        let top = _mm512_set1_epi8(0x30);
+        (_mm512_or_si512(lo, _mm512_and_si512(tl, top)), _mm512_or_si512(hi, _mm512_and_si512(th, top)))
+    }
+
+    /// Q4_0 and Q6_0 rows: four nibble chunks per run, each feeding two `vpdpbusd`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn nibble_rows(qtype: QType, w: &[u8], d: &[f16], x: XRow<'_>, offset: f32) -> f32 {
         let run = GROUP * BLOCK;
+        let run_bytes = GROUP * qtype.block_bytes();
         let chunks = |g: usize, a: &mut [__m512i; 4]| {
-            let (wp, xp) = (w.as_ptr().add(g * run / 2), x.qi.as_ptr().add(g * run).cast::<u8>());
+            let (wp, xp) = (w.as_ptr().add(g * run_bytes), x.qi.as_ptr().add(g * run).cast::<u8>());
             for t in 0..4 {
-                let v = load(wp.add(64 * t));
-                let lo = _mm512_and_si512(v, low);
-                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                let (lo, hi) = nibble_values(qtype, wp, t);
                 let h = 2 * (t & 1);
                 a[h] = _mm512_dpbusd_epi32(a[h], lo, load(xp.add(128 * t)));
                 a[h + 1] = _mm512_dpbusd_epi32(a[h + 1], hi, load(xp.add(128 * t + 64)));
             }
         };
-        runs(d, x, chunks, 8.0, QType::Q4_0, w)
+        runs(d, x, chunks, offset, qtype, w)
     }
 
-    /// The top two bits of a Q6_0 nibble chunk `t`'s low-nibble and high-nibble values, moved
-    /// to bits 4–5 of each byte (other bits masked off later), from high-bit chunk `h`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn q6_tops(h: __m512i, t: usize) -> (__m512i, __m512i) {
-        if t % 2 == 0 {
-            (_mm512_slli_epi16(h, 4), _mm512_slli_epi16(h, 2))
-        } else {
-            (h, _mm512_srli_epi16(h, 2))
-        }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn q4_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+        nibble_rows(QType::Q4_0, w, d, x, 8.0)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn q6_avx512(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
-        let (low, top) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
-        let run = GROUP * BLOCK;
-        let run_bytes = GROUP * QType::Q6_0.block_bytes();
-        let chunks = |g: usize, a: &mut [__m512i; 4]| {
-            let (wp, xp) = (w.as_ptr().add(g * run_bytes), x.qi.as_ptr().add(g * run).cast::<u8>());
-            for t in 0..4 {
-                let v = load(wp.add(64 * t));
-                let (tl, th) = q6_tops(load(wp.add(256 + 64 * (t / 2))), t);
-                let lo = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_and_si512(tl, top));
-                let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), _mm512_and_si512(th, top));
-                let h = 2 * (t & 1);
-                a[h] = _mm512_dpbusd_epi32(a[h], lo, load(xp.add(128 * t)));
-                a[h + 1] = _mm512_dpbusd_epi32(a[h + 1], hi, load(xp.add(128 * t + 64)));
-            }
-        };
-        runs(d, x, chunks, 32.0, QType::Q6_0, w)
+        nibble_rows(QType::Q6_0, w, d, x, 32.0)
     }
 
     /// AVX2 version of [`runs`]: two 8-lane accumulators per run (blocks 0–7 and 8–15);
@@ -307,54 +306,49 @@ mod x86 {
         runs_avx2(d, x, chunks, 0.0, QType::Q8_0, w)
     }
 
+    /// Q4_0 and Q6_0 rows on AVX2: [`nibble_values`] on 32-byte halves (`h`), with
+    /// `vpmaddubsw` (a pair of products stays below 32767: 63·127·2 per pair, twice).
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_avx2(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm256_set1_epi8(0x0F);
-        let run = GROUP * BLOCK;
-        let chunks = |g: usize, a: &mut [__m256i; 2]| {
-            let (wp, xp) = (w.as_ptr().add(g * run / 2), x.qi.as_ptr().add(g * run).cast::<u8>());
-            for t in 0..4 {
-                for (h, a) in a.iter_mut().enumerate() {
-                    let v = load2(wp.add(64 * t + 32 * h));
-                    let lo = _mm256_and_si256(v, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                    let p_lo = _mm256_maddubs_epi16(lo, load2(xp.add(128 * t + 32 * h)));
-                    let p_hi = _mm256_maddubs_epi16(hi, load2(xp.add(128 * t + 64 + 32 * h)));
-                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(_mm256_add_epi16(p_lo, p_hi), ones));
-                }
-            }
-        };
-        runs_avx2(d, x, chunks, 8.0, QType::Q4_0, w)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q6_avx2(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+    unsafe fn nibble_rows_avx2(qtype: QType, w: &[u8], d: &[f16], x: XRow<'_>, offset: f32) -> f32 {
         let ones = _mm256_set1_epi16(1);
         let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let run = GROUP * BLOCK;
-        let run_bytes = GROUP * QType::Q6_0.block_bytes();
+        let run_bytes = GROUP * qtype.block_bytes();
         let chunks = |g: usize, a: &mut [__m256i; 2]| {
             let (wp, xp) = (w.as_ptr().add(g * run_bytes), x.qi.as_ptr().add(g * run).cast::<u8>());
             for t in 0..4 {
                 for (h, a) in a.iter_mut().enumerate() {
                     let v = load2(wp.add(64 * t + 32 * h));
-                    let hb = load2(wp.add(256 + 64 * (t / 2) + 32 * h));
-                    let (tl, th) = if t % 2 == 0 {
-                        (_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 2))
-                    } else {
-                        (hb, _mm256_srli_epi16(hb, 2))
-                    };
-                    let lo = _mm256_or_si256(_mm256_and_si256(v, low), _mm256_and_si256(tl, top));
-                    let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), _mm256_and_si256(th, top));
-                    // 63·127·2 per 16-bit pair, twice: below 32767.
+                    let mut lo = _mm256_and_si256(v, low);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                    if qtype == QType::Q6_0 {
+                        let hb = load2(wp.add(256 + 64 * (t / 2) + 32 * h));
+                        let (tl, th) = if t % 2 == 0 {
+                            (_mm256_slli_epi16(hb, 4), _mm256_slli_epi16(hb, 2))
+                        } else {
+                            (hb, _mm256_srli_epi16(hb, 2))
+                        };
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(tl, top));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(th, top));
+                    }
                     let p_lo = _mm256_maddubs_epi16(lo, load2(xp.add(128 * t + 32 * h)));
                     let p_hi = _mm256_maddubs_epi16(hi, load2(xp.add(128 * t + 64 + 32 * h)));
                     *a = _mm256_add_epi32(*a, _mm256_madd_epi16(_mm256_add_epi16(p_lo, p_hi), ones));
                 }
             }
         };
-        runs_avx2(d, x, chunks, 32.0, QType::Q6_0, w)
+        runs_avx2(d, x, chunks, offset, qtype, w)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_avx2(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+        nibble_rows_avx2(QType::Q4_0, w, d, x, 8.0)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6_avx2(w: &[u8], d: &[f16], x: XRow<'_>) -> f32 {
+        nibble_rows_avx2(QType::Q6_0, w, d, x, 32.0)
     }
 }
 
