@@ -354,6 +354,7 @@ fn quantize_block_q8(x: &[f32], q: &mut [u8; BLOCK]) -> f16 {
 
 /// The Q8_0 rule for any vector: `q = round(x / d)` with `d = max|x| / 127`; returns `d`.
 /// (Weights' blocks, activations' blocks and the 8-bit KV cache all use it.)
+#[inline(always)]
 pub fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
@@ -499,31 +500,95 @@ impl Act for Bf16Act {
 }
 
 /// Activations quantised to int8 per block of 32 (the Q8_0 rule, f32 scales), with each
-/// block's `d·Σq` for the kernels that work on unsigned weights, and a copy of the quants in a
-/// weight format's run order (see [`QType::run_order`]) for the interleaved kernels.
+/// block's `Σq` and `d·Σq` for the kernels that work on unsigned weights, and a copy of the
+/// quants in a weight format's run order (see [`QType::run_order`]) for the interleaved
+/// kernels.
 #[derive(Debug, Default)]
 pub struct QActs {
     pub q: Vec<i8>,   // [n, k]
     pub qi: Vec<i8>,  // [n, k], runs of 512 in run order
     pub d: Vec<f32>,  // [n, k/32]
+    pub s: Vec<i32>,  // [n, k/32] Σq
     pub ds: Vec<f32>, // [n, k/32] d·Σq
 }
 
 impl QActs {
-    /// Quantises `n` rows of `x` `[n, k]` for weights in `qtype`.
+    /// Quantises the rows of `x` `[n, k]` for weights in `qtype` (rows in parallel when there
+    /// are more than four: never inside a decode step's team, which runs one row).
     pub fn quantize(&mut self, x: &[f32], k: usize, qtype: QType) {
+        let k = k.max(1);
         let blocks = x.len() / BLOCK;
+        let nb = k / BLOCK;
         self.q.resize(x.len(), 0);
-        self.d.resize(blocks, 0.0);
-        self.ds.resize(blocks, 0.0);
-        for b in 0..blocks {
-            let q = &mut self.q[b * BLOCK..(b + 1) * BLOCK];
-            let scale = quantize_i8(&x[b * BLOCK..(b + 1) * BLOCK], q);
-            self.d[b] = scale;
-            self.ds[b] = scale * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
-        }
         self.qi.resize(x.len(), 0);
-        to_run_order(&self.q, &mut self.qi, k, qtype);
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0);
+        self.ds.resize(blocks, 0.0);
+        let rows = self
+            .q
+            .chunks_mut(k)
+            .zip(self.qi.chunks_mut(k))
+            .zip(self.d.chunks_mut(nb.max(1)))
+            .zip(self.s.chunks_mut(nb.max(1)))
+            .zip(self.ds.chunks_mut(nb.max(1)))
+            .zip(x.chunks(k));
+        let one = |((((q, qi), d), s), ds): ActRow<'_>, x: &[f32]| quantize_act_row(x, q, qi, d, s, ds, qtype);
+        if x.len() > 4 * k {
+            rows.par_bridge().for_each(|(r, x)| one(r, x));
+        } else {
+            rows.for_each(|(r, x)| one(r, x));
+        }
+    }
+}
+
+/// One row's quants, run-ordered quants, scales, sums and scaled sums.
+type ActRow<'a> = ((((&'a mut [i8], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]), &'a mut [f32]);
+
+/// One activation row (see [`QActs`]); the run-ordered copy is written four bytes at a time
+/// (both run orders move whole groups of four consecutive quants of a block).
+fn quantize_act_row(x: &[f32], q: &mut [i8], qi: &mut [i8], d: &mut [f32], s: &mut [i32], ds: &mut [f32], qtype: QType) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        unsafe { quantize_blocks_avx512(x, q, d, s, ds) };
+    } else {
+        quantize_blocks(x, q, d, s, ds);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    quantize_blocks(x, q, d, s, ds);
+    let run = GROUP * BLOCK;
+    let whole = q.len() / run * run;
+    qi[whole..].copy_from_slice(&q[whole..]);
+    for (src, dst) in q[..whole].chunks_exact(run).zip(qi[..whole].chunks_exact_mut(run)) {
+        for (j, block) in src.chunks_exact(BLOCK).enumerate() {
+            for w in 0..BLOCK / 4 {
+                // Q8_0: word w of block j goes to chunk w, lane j; Q4_0/Q6_0: words 0..4 are
+                // the low-nibble values of chunk w, words 4..8 the high-nibble ones.
+                let at = match qtype {
+                    QType::Q8_0 => w * 64 + j * 4,
+                    QType::Q4_0 | QType::Q6_0 => (w % 4) * 128 + (w / 4) * 64 + j * 4,
+                };
+                dst[at..at + 4].copy_from_slice(&block[4 * w..4 * w + 4]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [i32], ds: &mut [f32]) {
+    quantize_blocks(x, q, d, s, ds)
+}
+
+/// The Q8_0 rule per block of 32 ([`quantize_i8`]), with each block's `Σq` and `d·Σq`.
+#[inline(always)]
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [i32], ds: &mut [f32]) {
+    for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+        let scale = quantize_i8(xs, qs);
+        let sum = qs.iter().map(|&v| v as i32).sum::<i32>();
+        d[b] = scale;
+        s[b] = sum;
+        ds[b] = scale * sum as f32;
     }
 }
 

@@ -7,7 +7,9 @@
 //!   threads — bf16 rows with `vdpbf16ps` (bf16 activations) or widened in registers (f32),
 //!   quantised rows against int8-quantised activations with `vpdpbusd` ([`qdot`]); the
 //!   decode step calls [`Matrix::matvec`] directly, inside a spinning [`team`];
-//! * many rows (prefill, encoders): blocks of weight rows kept in L2 (dequantised to bf16 first
+//! * many rows (prefill, encoders): quantised weights whose rows are whole runs of 512 go
+//!   through the int8 `vpdpbusd` GEMM against int8-quantised activations ([`qgemm`]) with
+//!   AVX-512 VNNI; otherwise blocks of weight rows are kept in L2 (dequantised to bf16 first
 //!   for quantised weights) and multiplied by a 4×4 `vdpbf16ps` register tile over panels of
 //!   activation rows; without AVX-512 BF16, or for f32 activations, the block is widened to f32
 //!   and multiplied with an f32 GEMM.
@@ -19,6 +21,7 @@
 mod bf16dot;
 pub mod elementwise;
 pub mod qdot;
+pub mod qgemm;
 pub mod team;
 
 use std::borrow::Cow;
@@ -29,7 +32,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::{QActs, QMatrix};
+use crate::quant::{Act, Bf16Act, QActs, QMatrix};
 use qdot::XRow;
 
 /// A weight `[out, in]`: dense (any dtype, any device) or block-quantised (CPU).
@@ -202,9 +205,36 @@ impl Input<'_> {
     fn f32(&self) -> Cow<'_, [f32]> {
         match self {
             Input::F32(v) => Cow::Borrowed(v),
-            Input::Bf16(v) => Cow::Owned(v.iter().map(|b| b.to_f32()).collect()),
+            Input::Bf16(v) => Cow::Owned(convert(v, |b| b.to_f32())),
         }
     }
+}
+
+/// `f` over every value, in chunks split over the threads when there are many (a prefill's
+/// activations; a decode row stays on the calling thread).
+fn convert<A: Copy + Sync, B: Copy + Default + Send>(x: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
+    const CHUNK: usize = 1 << 15;
+    let mut out = vec![B::default(); x.len()];
+    let one = |(o, x): (&mut [B], &[A])| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    };
+    if x.len() < 2 * CHUNK {
+        one((&mut out, x));
+    } else {
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(one);
+    }
+    out
+}
+
+/// f32 → bf16 rounded to nearest even, as `bf16::from_f32` (vectorisable).
+#[inline(always)]
+fn round_bf16(v: f32) -> bf16 {
+    if v.is_nan() {
+        return bf16::from_f32(v);
+    }
+    bf16::from_bits((Bf16Act::round(v).to_bits() >> 16) as u16)
 }
 
 /// The weight as stored.
@@ -316,7 +346,7 @@ fn run_op(
         *last = out_dim;
     }
     let storage = match x {
-        Input::Bf16(_) => CpuStorage::BF16(y.iter().map(|&v| bf16::from_f32(v)).collect()),
+        Input::Bf16(_) => CpuStorage::BF16(convert(&y, round_bf16)),
         Input::F32(_) => CpuStorage::F32(y),
     };
     Ok((storage, Shape::from(out_dims)))
@@ -348,11 +378,34 @@ fn product(x: &Input<'_>, n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
             }
         };
     }
-    match x {
+    match (x, w) {
         #[cfg(target_arch = "x86_64")]
-        Input::Bf16(xb) if tiled => tiled_gemm(xb, n, k, w, out),
+        (_, Source::Quant(q)) if qgemm::takes(q) => quant_gemm(&x.f32(), n, q),
+        #[cfg(target_arch = "x86_64")]
+        (Input::Bf16(xb), _) if tiled => tiled_gemm(xb, n, k, w, out),
         _ => blocked_gemm(&x.f32(), n, k, w, out),
     }
+}
+
+/// Prefill path for quantised weights with AVX-512 VNNI: the activations quantised to int8
+/// once, blocks of weight rows (kept in L2) over the threads, each through [`qgemm::gemm`].
+#[cfg(target_arch = "x86_64")]
+fn quant_gemm(x: &[f32], n: usize, q: &QMatrix) -> Vec<f32> {
+    let (k, out) = (q.cols(), q.rows());
+    let mut acts = QActs::default();
+    acts.quantize(x, k, q.qtype());
+    let mut y = vec![0f32; n * out];
+    let ptr = SharedOut(y.as_mut_ptr());
+    let nb = block_rows(q.qtype().row_bytes(k), out, qgemm::MR);
+    (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
+        let first = b * nb;
+        let rows = nb.min(out - first);
+        let p = ptr;
+        // SAFETY: `takes` checked the CPU and the width; `acts` holds n rows quantised for
+        // q's format; this task writes only columns first..first+rows of `y` (n·out values).
+        unsafe { qgemm::gemm(&acts, 0, n, q, first, rows, qgemm::Out { ptr: p.0.add(first), stride: out }) };
+    });
+    y
 }
 
 /// Decode path: `y[i, r] = f(r, i)` with weight rows split evenly over the threads.
@@ -382,11 +435,11 @@ fn matvec(n: usize, out: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f
     y
 }
 
-/// Weight rows per L2 block (a multiple of the register tile's rows).
-fn block_rows(k: usize, out: usize) -> usize {
+/// Weight rows per L2 block of rows of `row_bytes` (a multiple of the register tile's `tile`
+/// rows).
+fn block_rows(row_bytes: usize, out: usize, tile: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let tile = bf16dot::NR;
-    let by_cache = (W_BLOCK_BYTES / (2 * k.max(1))).max(tile) / tile * tile;
+    let by_cache = (W_BLOCK_BYTES / row_bytes.max(1)).max(tile) / tile * tile;
     // Enough blocks for every thread to get several.
     let by_balance = (out.div_ceil(threads * 4)).div_ceil(tile) * tile;
     by_cache.min(by_balance.max(tile))
@@ -417,7 +470,7 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
     };
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    let nb = block_rows(k, out);
+    let nb = block_rows(2 * k, out, bf16dot::NR);
     let panel = (X_PANEL_BYTES / (2 * k.max(1))).max(4) / 4 * 4;
     let mut first_row = 0;
     while first_row < n {
@@ -448,7 +501,7 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
 fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    let nb = block_rows(k, out);
+    let nb = block_rows(2 * k, out, bf16dot::NR);
     (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
         let first = b * nb;
         let rows = nb.min(out - first);
@@ -569,11 +622,39 @@ mod tests {
     }
 
     #[test]
+    fn quantised_prefill_gives_the_decode_sums() -> crate::error::Result<()> {
+        // With AVX-512 VNNI a prefill of whole runs multiplies the same int8 quants as decode:
+        // only the f32 order of the per-block sums differs.
+        use crate::quant::QType;
+        let dev = Device::Cpu;
+        for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
+            let (n, k, out) = (11, 1536, 45);
+            let w: Vec<f32> = crate::quant::test_values(out * k, 9);
+            let q = Arc::new(QMatrix::quantize(qtype, &w, out, k)?);
+            if !qgemm::takes(&q) {
+                return Ok(());
+            }
+            let m = Matrix::Quant(q);
+            let x: Vec<f32> = crate::quant::test_values(n * k, 4);
+            let batch: Vec<f32> = m.forward(&Tensor::from_vec(x.clone(), (n, k), &dev)?)?.flatten_all()?.to_vec1()?;
+            let mut s = VecScratch::default();
+            let mut y = vec![0f32; out];
+            for i in 0..n {
+                m.matvec(&x[i * k..(i + 1) * k], &mut y, &mut s)?;
+                for (r, (&a, &b)) in batch[i * out..(i + 1) * out].iter().zip(&y).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{qtype:?} row {i} col {r}: {a} vs {b}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn quantised_matrix_matches_dequantised_product() -> crate::error::Result<()> {
         use crate::quant::QType;
         let dev = Device::Cpu;
         for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
-            for (n, k, out) in [(1, 64, 37), (3, 96, 50), (9, 3072, 20), (70, 160, 130)] {
+            for (n, k, out) in [(1, 64, 37), (3, 96, 50), (9, 3072, 20), (70, 160, 130), (37, 1024, 66)] {
                 let wf = Tensor::randn(0f32, 1.0, (out, k), &dev)?;
                 let q = QMatrix::quantize(qtype, &wf.flatten_all()?.to_vec1()?, out, k)?;
                 let mut deq = vec![0f32; out * k];
@@ -581,13 +662,16 @@ mod tests {
                     q.dequantize_row(r, &mut deq[r * k..(r + 1) * k]);
                 }
                 let wd = Tensor::from_vec(deq, (out, k), &dev)?;
+                // Prefill of whole runs takes int8 activations too (with AVX-512 VNNI).
+                let int8 = qgemm::takes(&q);
                 let m = Matrix::Quant(Arc::new(q));
                 let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
                 for xin in [x.clone(), x.to_dtype(DType::BF16)?] {
-                    // What the kernel multiplies: decode quantises the activations to int8
-                    // per block, prefill takes them as they are (bf16 or f32).
+                    // What the kernel multiplies: decode and the int8 GEMM quantise the
+                    // activations to int8 per block, the other prefill paths take them as
+                    // they are (bf16 or f32).
                     let xf: Vec<f32> = xin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    let xr = if n <= DOT_ROWS {
+                    let xr = if n <= DOT_ROWS || int8 {
                         let mut acts = QActs::default();
                         acts.quantize(&xf, k, qtype);
                         acts.q.iter().enumerate().map(|(i, &q)| q as f32 * acts.d[i / 32]).collect()
@@ -595,7 +679,7 @@ mod tests {
                         xf
                     };
                     // The tiled bf16 path dequantises weight blocks to bf16 first.
-                    let wr = if n > DOT_ROWS && xin.dtype() == DType::BF16 && bf16dot::available() {
+                    let wr = if n > DOT_ROWS && !int8 && xin.dtype() == DType::BF16 && bf16dot::available() {
                         wd.to_dtype(DType::BF16)?
                     } else {
                         wd.clone()

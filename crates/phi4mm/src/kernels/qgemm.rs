@@ -1,0 +1,281 @@
+//! Prefill products of block-quantised weights with int8-quantised activations on AVX-512
+//! VNNI: the decode kernels' arithmetic ([`super::qdot`]) for many activation rows at once,
+//! as llama.cpp's CPU matmul quantises activations to Q8_0 for its Q4_0/Q8_0 weights.
+//!
+//! `vpdpbusd` does 64 byte products per instruction, twice `vdpbf16ps`'s 32 and four times an
+//! f32 FMA's 16, and quantised weights are read as they are stored (no dequantisation).
+//!
+//! * Activations are quantised once per call (the Q8_0 rule per block of 32, [`QActs`]), their
+//!   quants copied in the weight format's run order, so each 32-bit lane of a product
+//!   accumulates one block of a run of 16 (see `quant`).
+//! * A register tile of [`MR`] weight rows × [`NR`] activation rows holds 16 integer
+//!   accumulators. Per 64-byte chunk each activation row is loaded once and each weight row
+//!   unpacked once (Q4_0/Q6_0 nibbles, Q8_0 bytes made unsigned), then multiplied into all
+//!   pairs. After each run (512 weights) the block sums become f32 and are scaled by
+//!   `d_w·d_x` into f32 accumulators.
+//! * The weights' unsigned offset (8 for Q4_0, 32 for Q6_0, 128 for flipped Q8_0) comes out
+//!   exactly: each run's integer accumulators start at `−offset·Σq_x` (`Σ (q+c)·x = Σ q·x +
+//!   c·Σ x`), so integer block sums equal the decode kernel's and only the f32 order differs.
+//!
+//! Only matrices made of whole runs (width a multiple of 512, as every decoder projection of
+//! the full model) come here; the caller keeps the other path for the rest.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use crate::quant::{QActs, QMatrix, QType, BLOCK, GROUP};
+
+/// Weight rows per register tile.
+pub const MR: usize = 4;
+/// Activation rows per register tile.
+pub const NR: usize = 4;
+// `dispatch` has tiles for 1..=8 activation rows.
+const _: () = assert!(NR >= 1 && NR <= 8 && MR > 1);
+
+/// Whether this CPU has the instructions [`gemm`] needs.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether [`gemm`] runs products by `q` on this CPU: whole runs of 16 blocks only.
+pub fn takes(q: &QMatrix) -> bool {
+    q.cols() % (GROUP * BLOCK) == 0 && q.cols() > 0 && available()
+}
+
+/// Where results go: `y[i·stride + j]` for activation row `i` and weight row `j`.
+#[derive(Clone, Copy)]
+pub struct Out {
+    pub ptr: *mut f32,
+    pub stride: usize,
+}
+
+/// Activation rows `first..first+n` of `acts` (quantised for `q`'s format, `q.cols()` per row)
+/// times weight rows `w0..w0+rows` of `q` transposed, into `out` `[n, rows]`.
+///
+/// # Safety
+/// Only call when [`takes`] is true for `q`; `acts` holds at least `first + n` rows quantised
+/// for `q.qtype()`, `w0 + rows ≤ q.rows()`, and `out` covers `n` rows of `rows` columns that
+/// no other thread writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub unsafe fn gemm(acts: &QActs, first: usize, n: usize, q: &QMatrix, w0: usize, rows: usize, out: Out) {
+    let k = q.cols();
+    let nb = k / BLOCK;
+    let rb = q.qtype().row_bytes(k);
+    let x = Rows {
+        q: acts.qi.as_ptr().add(first * k),
+        d: acts.d.as_ptr().add(first * nb),
+        s: acts.s.as_ptr().add(first * nb),
+        stride: k,
+    };
+    let w = Weights { q: q.qs().as_ptr().add(w0 * rb), d: q.scales().as_ptr().add(w0 * nb), stride: rb };
+    let mut i = 0;
+    while i < n {
+        let nr = (n - i).min(NR);
+        let xi = x.skip(i, nb);
+        let oi = Out { ptr: out.ptr.add(i * out.stride), stride: out.stride };
+        let mut j = 0;
+        while j < rows {
+            let step = if rows - j >= MR { MR } else { 1 };
+            let wj = w.skip(j, nb);
+            let o = Out { ptr: oi.ptr.add(j), stride: oi.stride };
+            match q.qtype() {
+                QType::Q8_0 => dispatch::<8>(step, nr, wj, xi, nb, o, QType::Q8_0),
+                QType::Q4_0 => dispatch::<4>(step, nr, wj, xi, nb, o, QType::Q4_0),
+                QType::Q6_0 => dispatch::<4>(step, nr, wj, xi, nb, o, QType::Q6_0),
+            }
+            j += step;
+        }
+        i += nr;
+    }
+}
+
+/// Activation rows: run-ordered quants, scales and per-block quant sums.
+#[derive(Clone, Copy)]
+struct Rows {
+    q: *const i8,
+    d: *const f32,
+    s: *const i32,
+    stride: usize,
+}
+
+impl Rows {
+    unsafe fn skip(self, i: usize, nb: usize) -> Self {
+        Rows { q: self.q.add(i * self.stride), d: self.d.add(i * nb), s: self.s.add(i * nb), stride: self.stride }
+    }
+}
+
+/// Weight rows: quants (`stride` bytes a row) and f16 scales.
+#[derive(Clone, Copy)]
+struct Weights {
+    q: *const u8,
+    d: *const half::f16,
+    stride: usize,
+}
+
+impl Weights {
+    unsafe fn skip(self, j: usize, nb: usize) -> Self {
+        Weights { q: self.q.add(j * self.stride), d: self.d.add(j * nb), stride: self.stride }
+    }
+}
+
+/// The tile for `step` (MR or 1) weight rows × `nr` (1..=NR) activation rows; `C` is the
+/// number of 64-byte chunks a run's quants take (Q8_0: 8, Q4_0/Q6_0: 4 nibble chunks).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dispatch<const C: usize>(step: usize, nr: usize, w: Weights, x: Rows, nb: usize, o: Out, qtype: QType) {
+    macro_rules! tiles {
+        ($($n:literal)*) => {
+            match (step == MR, nr) {
+                $((true, $n) => tile::<MR, $n, C>(w, x, nb, o, qtype),)*
+                $((false, $n) => tile::<1, $n, C>(w, x, nb, o, qtype),)*
+                _ => {}
+            }
+        };
+    }
+    tiles!(1 2 3 4 5 6 7 8);
+}
+
+/// `M` weight rows × `N` activation rows over every run of the rows.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile<const M: usize, const N: usize, const C: usize>(w: Weights, x: Rows, nb: usize, out: Out, qtype: QType) {
+    let run = GROUP * BLOCK;
+    let run_bytes = GROUP * qtype.block_bytes();
+    // log2 of the weights' unsigned offset.
+    let shift = match qtype {
+        QType::Q8_0 => 7,
+        QType::Q4_0 => 3,
+        QType::Q6_0 => 5,
+    };
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = [[_mm512_setzero_ps(); N]; M];
+    for g in 0..nb / GROUP {
+        let mut a = [[_mm512_setzero_si512(); N]; M];
+        for j in 0..N {
+            let sums = _mm512_loadu_si512(x.s.add(j * nb + g * GROUP).cast());
+            let start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_sll_epi32(sums, _mm_cvtsi32_si128(shift)));
+            for row in a.iter_mut() {
+                row[j] = start;
+            }
+        }
+        let xg = x.q.add(g * run).cast::<u8>();
+        if C == 8 {
+            for t in 0..8 {
+                let mut xv = [_mm512_setzero_si512(); N];
+                for (j, v) in xv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(xg.add(j * x.stride + 64 * t).cast());
+                }
+                for (i, row) in a.iter_mut().enumerate() {
+                    let wv = _mm512_xor_si512(_mm512_loadu_si512(w.q.add(i * w.stride + g * run_bytes + 64 * t).cast()), flip);
+                    for (acc, xv) in row.iter_mut().zip(&xv) {
+                        *acc = _mm512_dpbusd_epi32(*acc, wv, *xv);
+                    }
+                }
+            }
+        } else {
+            for t in 0..4 {
+                let mut lo = [_mm512_setzero_si512(); N];
+                let mut hi = [_mm512_setzero_si512(); N];
+                for j in 0..N {
+                    lo[j] = _mm512_loadu_si512(xg.add(j * x.stride + 128 * t).cast());
+                    hi[j] = _mm512_loadu_si512(xg.add(j * x.stride + 128 * t + 64).cast());
+                }
+                for (i, row) in a.iter_mut().enumerate() {
+                    let (wl, wh) = super::qdot::x86::nibble_values(qtype, w.q.add(i * w.stride + g * run_bytes), t);
+                    for j in 0..N {
+                        row[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(row[j], wl, lo[j]), wh, hi[j]);
+                    }
+                }
+            }
+        }
+        let mut dx = [_mm512_setzero_ps(); N];
+        for (j, v) in dx.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(x.d.add(j * nb + g * GROUP));
+        }
+        for (i, (row, acc)) in a.iter().zip(acc.iter_mut()).enumerate() {
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.add(i * nb + g * GROUP).cast()));
+            for ((s, acc), dx) in row.iter().zip(acc.iter_mut()).zip(&dx) {
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, *dx), *acc);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            *out.ptr.add(j * out.stride + i) = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::kernels::qdot::{self, XRow};
+    use crate::quant::test_values as sample;
+
+    #[test]
+    fn matches_the_decode_kernel_for_every_tile_shape() -> crate::error::Result<()> {
+        if !available() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return Ok(());
+        }
+        for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
+            // Row counts that leave every partial tile in both directions.
+            for (n, k, rows) in [(1, 512, 1), (7, 512, 9), (4, 1024, 4), (13, 3072, 6), (5, 8192, 7)] {
+                let m = QMatrix::quantize(qtype, &sample(rows * k, k as u64), rows, k)?;
+                let x = sample(n * k, 11 + k as u64);
+                let mut acts = QActs::default();
+                acts.quantize(&x, k, qtype);
+                let mut y = vec![f32::NAN; n * rows];
+                // SAFETY: checked `available`; k is a multiple of 512; `y` is [n, rows].
+                unsafe { gemm(&acts, 0, n, &m, 0, rows, Out { ptr: y.as_mut_ptr(), stride: rows }) };
+                for i in 0..n {
+                    for r in 0..rows {
+                        let (wq, wd) = m.row(r);
+                        let want = qdot::dot_scalar(qtype, wq, wd, XRow::of(&acts, i, k));
+                        let got = y[i * rows + r];
+                        let tol = 1e-5 * (1.0 + want.abs()) * (k as f32).sqrt();
+                        assert!((got - want).abs() <= tol, "{qtype:?} n={n} k={k} ({i},{r}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn offsets_into_rows_and_weights() -> crate::error::Result<()> {
+        if !available() {
+            return Ok(());
+        }
+        let (n, k, rows) = (6, 1024, 10);
+        let qtype = QType::Q4_0;
+        let m = QMatrix::quantize(qtype, &sample(rows * k, 3), rows, k)?;
+        let mut acts = QActs::default();
+        acts.quantize(&sample(n * k, 5), k, qtype);
+        let mut whole = vec![0f32; n * rows];
+        let mut part = vec![0f32; 2 * 3];
+        // SAFETY: as above; the part is rows 3..5 of the activations and 4..7 of the weights.
+        unsafe {
+            gemm(&acts, 0, n, &m, 0, rows, Out { ptr: whole.as_mut_ptr(), stride: rows });
+            gemm(&acts, 3, 2, &m, 4, 3, Out { ptr: part.as_mut_ptr(), stride: 3 });
+        }
+        for i in 0..2 {
+            for j in 0..3 {
+                assert_eq!(part[i * 3 + j], whole[(3 + i) * rows + 4 + j]);
+            }
+        }
+        Ok(())
+    }
+}
