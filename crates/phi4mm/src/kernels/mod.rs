@@ -20,6 +20,7 @@
 
 mod bf16dot;
 pub mod elementwise;
+mod f32gemm;
 pub mod qdot;
 pub mod qgemm;
 pub mod team;
@@ -192,6 +193,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 const DOT_ROWS: usize = 4;
 /// Bytes of weight rows kept in L2 at once on the GEMM paths.
 const W_BLOCK_BYTES: usize = 384 << 10;
+/// Bytes of f32 weight rows kept in L2 at once by the AVX-512F f32 GEMM.
+const F32_BLOCK_BYTES: usize = 1 << 20;
 /// Bytes of activation rows (bf16) per panel on the tiled path (stays in L3).
 const X_PANEL_BYTES: usize = 4 << 20;
 
@@ -270,16 +273,19 @@ impl Source<'_> {
         }
     }
 
-    /// Rows `first..first+rows` as f32.
-    fn f32_rows(&self, first: usize, rows: usize, k: usize) -> Vec<f32> {
+    /// Rows `first..first+rows` as f32 into `out` (resized to `rows·k`).
+    fn f32_rows_into(&self, first: usize, rows: usize, k: usize, out: &mut Vec<f32>) {
+        out.resize(rows * k, 0.0);
         match self {
-            Source::Bf16(w) => w[first * k..(first + rows) * k].iter().map(|v| v.to_f32()).collect(),
+            Source::Bf16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[first * k..(first + rows) * k]) {
+                    *o = v.to_f32();
+                }
+            }
             Source::Quant(q) => {
-                let mut out = vec![0f32; rows * k];
                 for (r, o) in out.chunks_mut(k).enumerate() {
                     q.dequantize_row(first + r, o);
                 }
-                out
             }
         }
     }
@@ -438,8 +444,13 @@ fn matvec(n: usize, out: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f
 /// Weight rows per L2 block of rows of `row_bytes` (a multiple of the register tile's `tile`
 /// rows).
 fn block_rows(row_bytes: usize, out: usize, tile: usize) -> usize {
+    block_rows_in(W_BLOCK_BYTES, row_bytes, out, tile)
+}
+
+/// [`block_rows`] for blocks of `budget` bytes.
+fn block_rows_in(budget: usize, row_bytes: usize, out: usize, tile: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let by_cache = (W_BLOCK_BYTES / row_bytes.max(1)).max(tile) / tile * tile;
+    let by_cache = (budget / row_bytes.max(1)).max(tile) / tile * tile;
     // Enough blocks for every thread to get several.
     let by_balance = (out.div_ceil(threads * 4)).div_ceil(tile) * tile;
     by_cache.min(by_balance.max(tile))
@@ -501,11 +512,29 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
 fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    let nb = block_rows(2 * k, out, bf16dot::NR);
+    #[cfg(target_arch = "x86_64")]
+    if f32gemm::available() {
+        let nb = block_rows_in(F32_BLOCK_BYTES, 4 * k, out, f32gemm::WR);
+        let xp = f32gemm::pack(x, n, k);
+        (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
+            let first = b * nb;
+            let rows = nb.min(out - first);
+            WIDE.with_borrow_mut(|wf| {
+                w.f32_rows_into(first, rows, k, wf);
+                let p = ptr;
+                // SAFETY: AVX-512F was detected; `xp` packs x's n rows, `wf` holds rows×k
+                // values, and this task alone writes columns first..first+rows of `y`.
+                unsafe { f32gemm::gemm(&xp, n, k, wf, rows, f32gemm::Out { ptr: p.0.add(first), stride: out }) };
+            });
+        });
+        return y;
+    }
+    let nb = block_rows(2 * k, out, 4);
     (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
         let first = b * nb;
         let rows = nb.min(out - first);
-        let wf = w.f32_rows(first, rows, k);
+        let mut wf = Vec::new();
+        w.f32_rows_into(first, rows, k, &mut wf);
         let p = ptr;
         // SAFETY: every pointer covers the extent implied by its dims and strides: dst is
         // columns first..first+rows of y (n rows, stride out; only this task writes them),
@@ -535,6 +564,12 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec
         }
     });
     y
+}
+
+thread_local! {
+    /// A weight block widened to f32, kept per thread from block to block (a fresh one per
+    /// block was page-faulted in every time: 8% of a bf16 prefill's CPU time).
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `x · w` with `w` in bf16, picking the widest SIMD the CPU has.
