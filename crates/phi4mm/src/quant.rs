@@ -574,10 +574,32 @@ fn quantize_act_row(x: &[f32], q: &mut [i8], qi: &mut [i8], d: &mut [f32], s: &m
     }
 }
 
+/// [`quantize_blocks`] with AVX-512: the same values ([`quantize_i8`]'s `round` is half away
+/// from zero, here `trunc(v + copysign(0.5⁻, v))`, exact for |v| ≤ 2²³).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn quantize_blocks_avx512(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [i32], ds: &mut [f32]) {
-    quantize_blocks(x, q, d, s, ds)
+    use std::arch::x86_64::*;
+    let half = _mm512_set1_ps(0.499_999_97);
+    let sign = _mm512_set1_epi32(i32::MIN);
+    for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+        let v = [_mm512_loadu_ps(xs.as_ptr()), _mm512_loadu_ps(xs.as_ptr().add(16))];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let scale = amax / 127.0;
+        let inv = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        let mut sum = _mm512_setzero_si512();
+        for (h, v) in v.iter().enumerate() {
+            let y = _mm512_mul_ps(*v, inv);
+            let bias = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(y), sign), _mm512_castps_si512(half)));
+            let i = _mm512_cvttps_epi32(_mm512_add_ps(y, bias));
+            sum = _mm512_add_epi32(sum, i);
+            _mm_storeu_si128(qs.as_mut_ptr().add(16 * h).cast(), _mm512_cvtsepi32_epi8(i));
+        }
+        let sum = _mm512_reduce_add_epi32(sum);
+        d[b] = scale;
+        s[b] = sum;
+        ds[b] = scale * sum as f32;
+    }
 }
 
 /// The Q8_0 rule per block of 32 ([`quantize_i8`]), with each block's `Σq` and `d·Σq`.
@@ -687,6 +709,32 @@ mod tests {
 
     fn half_round(v: f32) -> f32 {
         half::bf16::from_f32(v).to_f32()
+    }
+
+    #[test]
+    fn vector_activation_quantisation_equals_the_scalar_rule() {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Blocks whose largest value is 127 (scale 1), so the others land exactly on
+            // half steps (−15.5..15.5) or next to them.
+            let mut x: Vec<f32> = test_values(32 * 400, 3).iter().map(|v| v * 7.0).collect();
+            for (i, v) in x.iter_mut().enumerate().take(32 * 64) {
+                let step = (i % 32) as f32 - 15.5;
+                *v = if i % 32 == 31 { 127.0 } else { step * if i % 64 < 32 { 1.0 } else { 1.000_000_1 } };
+            }
+            let halves = x[..31].iter().filter(|v| v.fract().abs() == 0.5).count();
+            assert_eq!(halves, 31);
+            x[32 * 70..32 * 71].fill(0.0);
+            let n = x.len() / BLOCK;
+            let (mut q1, mut q2) = (vec![0i8; x.len()], vec![0i8; x.len()]);
+            let (mut d1, mut d2, mut s1, mut s2, mut e1, mut e2) =
+                (vec![0f32; n], vec![0f32; n], vec![0i32; n], vec![0i32; n], vec![0f32; n], vec![0f32; n]);
+            quantize_blocks(&x, &mut q1, &mut d1, &mut s1, &mut e1);
+            // SAFETY: the feature was just detected.
+            unsafe { quantize_blocks_avx512(&x, &mut q2, &mut d2, &mut s2, &mut e2) };
+            assert_eq!(q1, q2);
+            assert_eq!((d1, s1, e1), (d2, s2, e2));
+        }
     }
 
     #[test]
