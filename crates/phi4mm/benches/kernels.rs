@@ -6,7 +6,9 @@
 //! * `stream/{format}`: the decode mat-vec (`Matrix::matvec` in a spinning team, as a decode
 //!   step runs it) over 256 MB of 16384×3072 weights — more than the L3 cache, so weights come
 //!   from memory as in the model — in weight bytes per second;
-//! * `prefill/{format}/128x{out}x{in}`: 128 rows (the tiled GEMM), in multiply-adds per second;
+//! * `prefill/{format}/128x{out}x{in}`: 128 rows (bf16: the `vdpbf16ps` tile, or the f32 tile
+//!   without AVX-512 BF16; Q8_0/Q4_0: the int8 `vpdpbusd` GEMM, activation quantisation
+//!   included), in multiply-adds per second;
 //! * `attention/{format}/{len}`: one decode step of attention over a KV cache of `len`
 //!   positions (24 query heads, 8 KV heads, head_dim 128): f32, bf16 and 8-bit caches.
 

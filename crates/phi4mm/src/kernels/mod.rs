@@ -20,9 +20,11 @@
 
 mod bf16dot;
 pub mod elementwise;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod f32gemm;
 pub mod qdot;
-pub mod qgemm;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod qgemm;
 pub mod team;
 
 use std::borrow::Cow;
@@ -194,6 +196,7 @@ const DOT_ROWS: usize = 4;
 /// Bytes of weight rows kept in L2 at once on the GEMM paths.
 const W_BLOCK_BYTES: usize = 384 << 10;
 /// Bytes of f32 weight rows kept in L2 at once by the AVX-512F f32 GEMM.
+#[cfg(target_arch = "x86_64")]
 const F32_BLOCK_BYTES: usize = 1 << 20;
 /// Bytes of activation rows (bf16) per panel on the tiled path (stays in L3).
 const X_PANEL_BYTES: usize = 4 << 20;
@@ -566,6 +569,7 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec
     y
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// A weight block widened to f32, kept per thread from block to block (a fresh one per
     /// block was page-faulted in every time: 8% of a bf16 prefill's CPU time).

@@ -48,7 +48,7 @@ pub fn available() -> bool {
 
 /// Whether [`gemm`] runs products by `q` on this CPU: whole runs of 16 blocks only.
 pub fn takes(q: &QMatrix) -> bool {
-    q.cols() % (GROUP * BLOCK) == 0 && q.cols() > 0 && available()
+    q.cols().is_multiple_of(GROUP * BLOCK) && q.cols() > 0 && available()
 }
 
 /// Where results go: `y[i·stride + j]` for activation row `i` and weight row `j`.
