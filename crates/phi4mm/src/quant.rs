@@ -366,15 +366,20 @@ pub fn quantize_i8(x: &[f32], q: &mut [i8]) -> f32 {
 }
 
 /// Copies rows of `src` `[n, k]` to `dst` with every run of 512 columns put in `qtype`'s run
-/// order (the columns after the last whole run stay in place).
+/// order (the columns after the last whole run stay in place). Both run orders move groups of
+/// four consecutive values of a block, so groups are copied whole.
 pub fn to_run_order<T: Copy>(src: &[T], dst: &mut [T], k: usize, qtype: QType) {
     let run = GROUP * BLOCK;
-    let order: Vec<usize> = (0..run).map(|p| qtype.run_order(p)).collect();
-    dst.copy_from_slice(src);
+    let mut from = [0usize; GROUP * BLOCK / 4];
+    for (g, f) in from.iter_mut().enumerate() {
+        *f = qtype.run_order(4 * g);
+    }
     for (src, dst) in src.chunks(k.max(1)).zip(dst.chunks_mut(k.max(1))) {
-        for g in 0..k / run {
-            for (p, &o) in order.iter().enumerate() {
-                dst[g * run + p] = src[g * run + o];
+        let whole = k / run * run;
+        dst[whole..].copy_from_slice(&src[whole..]);
+        for (src, dst) in src[..whole].chunks_exact(run).zip(dst[..whole].chunks_exact_mut(run)) {
+            for (g, &f) in from.iter().enumerate() {
+                dst[4 * g..4 * g + 4].copy_from_slice(&src[f..f + 4]);
             }
         }
     }
@@ -544,8 +549,7 @@ impl QActs {
 /// One row's quants, run-ordered quants, scales, sums and scaled sums.
 type ActRow<'a> = ((((&'a mut [i8], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]), &'a mut [f32]);
 
-/// One activation row (see [`QActs`]); the run-ordered copy is written four bytes at a time
-/// (both run orders move whole groups of four consecutive quants of a block).
+/// One activation row (see [`QActs`]).
 fn quantize_act_row(x: &[f32], q: &mut [i8], qi: &mut [i8], d: &mut [f32], s: &mut [i32], ds: &mut [f32], qtype: QType) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -556,22 +560,7 @@ fn quantize_act_row(x: &[f32], q: &mut [i8], qi: &mut [i8], d: &mut [f32], s: &m
     }
     #[cfg(not(target_arch = "x86_64"))]
     quantize_blocks(x, q, d, s, ds);
-    let run = GROUP * BLOCK;
-    let whole = q.len() / run * run;
-    qi[whole..].copy_from_slice(&q[whole..]);
-    for (src, dst) in q[..whole].chunks_exact(run).zip(qi[..whole].chunks_exact_mut(run)) {
-        for (j, block) in src.chunks_exact(BLOCK).enumerate() {
-            for w in 0..BLOCK / 4 {
-                // Q8_0: word w of block j goes to chunk w, lane j; Q4_0/Q6_0: words 0..4 are
-                // the low-nibble values of chunk w, words 4..8 the high-nibble ones.
-                let at = match qtype {
-                    QType::Q8_0 => w * 64 + j * 4,
-                    QType::Q4_0 | QType::Q6_0 => (w % 4) * 128 + (w / 4) * 64 + j * 4,
-                };
-                dst[at..at + 4].copy_from_slice(&block[4 * w..4 * w + 4]);
-            }
-        }
-    }
+    to_run_order(q, qi, q.len(), qtype);
 }
 
 /// [`quantize_blocks`] with AVX-512: the same values ([`quantize_i8`]'s `round` is half away

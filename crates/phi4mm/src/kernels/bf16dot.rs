@@ -11,6 +11,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
+use super::Out;
 use crate::quant::{unpack_block, QType, BLOCK, GROUP};
 
 /// Whether this CPU has the instructions [`dot`] and [`gemm`] need.
@@ -144,12 +145,6 @@ pub unsafe fn dequantize(qtype: QType, q: &[u8], d: &[half::f16], out: &mut [bf1
 /// `cargo bench --bench kernels -- prefill/bf16`).
 pub const NR: usize = 4;
 
-/// Where results go: `y[i·stride + j]` for activation row `i` and weight row `j`.
-#[derive(Clone, Copy)]
-pub struct Out {
-    pub ptr: *mut f32,
-    pub stride: usize,
-}
 
 /// x `[n, k]` · w `[rows, k]`ᵀ into `out` (tiles of 4 activation rows × [`NR`] weight rows).
 ///

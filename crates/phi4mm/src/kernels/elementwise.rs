@@ -40,15 +40,21 @@ fn gelu_tanh_one(x: f32) -> f32 {
     0.5 * x * (1.0 + t)
 }
 
-/// `f` over every element, in chunks split over the threads.
-fn map_chunks<T: Copy + Default + Send + Sync>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+/// `f` over every element, in chunks split over the threads when there are many (a
+/// prefill's activations; a decode row stays on the calling thread).
+pub(crate) fn map_chunks<A: Copy + Sync, B: Copy + Default + Send>(x: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
     const CHUNK: usize = 1 << 14;
-    let mut out = vec![T::default(); x.len()];
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = f(x);
+    let mut out = vec![B::default(); x.len()];
+    let one = |(o, x): (&mut [B], &[A])| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f(v);
         }
-    });
+    };
+    if x.len() < 2 * CHUNK {
+        one((&mut out, x));
+    } else {
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(one);
+    }
     out
 }
 

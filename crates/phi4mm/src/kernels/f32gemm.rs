@@ -13,6 +13,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::Out;
+
 /// Activation rows per packed panel (two vectors).
 pub const XR: usize = 32;
 /// Weight rows per register tile.
@@ -43,12 +45,6 @@ pub fn pack(x: &[f32], n: usize, k: usize) -> Vec<f32> {
     p
 }
 
-/// Where results go: `y[i·stride + j]` for activation row `i` and weight row `j`.
-#[derive(Clone, Copy)]
-pub struct Out {
-    pub ptr: *mut f32,
-    pub stride: usize,
-}
 
 /// `x` (packed by [`pack`] from `n` rows of `k`) · `w` `[rows, k]`ᵀ into `out` `[n, rows]`.
 ///

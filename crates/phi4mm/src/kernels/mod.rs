@@ -211,27 +211,9 @@ impl Input<'_> {
     fn f32(&self) -> Cow<'_, [f32]> {
         match self {
             Input::F32(v) => Cow::Borrowed(v),
-            Input::Bf16(v) => Cow::Owned(convert(v, |b| b.to_f32())),
+            Input::Bf16(v) => Cow::Owned(elementwise::map_chunks(v, |b| b.to_f32())),
         }
     }
-}
-
-/// `f` over every value, in chunks split over the threads when there are many (a prefill's
-/// activations; a decode row stays on the calling thread).
-fn convert<A: Copy + Sync, B: Copy + Default + Send>(x: &[A], f: impl Fn(A) -> B + Sync) -> Vec<B> {
-    const CHUNK: usize = 1 << 15;
-    let mut out = vec![B::default(); x.len()];
-    let one = |(o, x): (&mut [B], &[A])| {
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = f(v);
-        }
-    };
-    if x.len() < 2 * CHUNK {
-        one((&mut out, x));
-    } else {
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(one);
-    }
-    out
 }
 
 /// f32 → bf16 rounded to nearest even, as `bf16::from_f32` (vectorisable).
@@ -355,7 +337,7 @@ fn run_op(
         *last = out_dim;
     }
     let storage = match x {
-        Input::Bf16(_) => CpuStorage::BF16(convert(&y, round_bf16)),
+        Input::Bf16(_) => CpuStorage::BF16(elementwise::map_chunks(&y, round_bf16)),
         Input::F32(_) => CpuStorage::F32(y),
     };
     Ok((storage, Shape::from(out_dims)))
@@ -405,14 +387,14 @@ fn quant_gemm(x: &[f32], n: usize, q: &QMatrix) -> Vec<f32> {
     acts.quantize(x, k, q.qtype());
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    let nb = block_rows(q.qtype().row_bytes(k), out, qgemm::MR);
+    let nb = block_rows(W_BLOCK_BYTES, q.qtype().row_bytes(k), out, qgemm::MR);
     (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
         let first = b * nb;
         let rows = nb.min(out - first);
         let p = ptr;
         // SAFETY: `takes` checked the CPU and the width; `acts` holds n rows quantised for
         // q's format; this task writes only columns first..first+rows of `y` (n·out values).
-        unsafe { qgemm::gemm(&acts, 0, n, q, first, rows, qgemm::Out { ptr: p.0.add(first), stride: out }) };
+        unsafe { qgemm::gemm(&acts, 0, n, q, first, rows, Out { ptr: p.0.add(first), stride: out }) };
     });
     y
 }
@@ -444,19 +426,22 @@ fn matvec(n: usize, out: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f
     y
 }
 
-/// Weight rows per L2 block of rows of `row_bytes` (a multiple of the register tile's `tile`
-/// rows).
-fn block_rows(row_bytes: usize, out: usize, tile: usize) -> usize {
-    block_rows_in(W_BLOCK_BYTES, row_bytes, out, tile)
-}
-
-/// [`block_rows`] for blocks of `budget` bytes.
-fn block_rows_in(budget: usize, row_bytes: usize, out: usize, tile: usize) -> usize {
+/// Weight rows per L2 block of at most `budget` bytes of rows of `row_bytes` (a multiple of
+/// the register tile's `tile` rows).
+fn block_rows(budget: usize, row_bytes: usize, out: usize, tile: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_cache = (budget / row_bytes.max(1)).max(tile) / tile * tile;
     // Enough blocks for every thread to get several.
     let by_balance = (out.div_ceil(threads * 4)).div_ceil(tile) * tile;
     by_cache.min(by_balance.max(tile))
+}
+
+/// Where a GEMM kernel's results go: `y[i·stride + j]` for activation row `i` and weight row
+/// `j` (shared by the bf16, f32 and int8 tiles).
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    pub ptr: *mut f32,
+    pub stride: usize,
 }
 
 /// A pointer that tasks write disjoint parts through.
@@ -484,7 +469,7 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
     };
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    let nb = block_rows(2 * k, out, bf16dot::NR);
+    let nb = block_rows(W_BLOCK_BYTES, 2 * k, out, bf16dot::NR);
     let panel = (X_PANEL_BYTES / (2 * k.max(1))).max(4) / 4 * 4;
     let mut first_row = 0;
     while first_row < n {
@@ -499,7 +484,7 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
             // `wb` rows·k; this task writes only columns first..first+rows of rows
             // first_row..first_row+rows_x of `y` (n·out values).
             unsafe {
-                let o = bf16dot::Out { ptr: p.0.add(first_row * out + first), stride: out };
+                let o = Out { ptr: p.0.add(first_row * out + first), stride: out };
                 bf16dot::gemm(xs, rows_x, k, &wb, rows, o);
             }
         });
@@ -517,7 +502,7 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec
     let ptr = SharedOut(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     if f32gemm::available() {
-        let nb = block_rows_in(F32_BLOCK_BYTES, 4 * k, out, f32gemm::WR);
+        let nb = block_rows(F32_BLOCK_BYTES, 4 * k, out, f32gemm::WR);
         let xp = f32gemm::pack(x, n, k);
         (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
             let first = b * nb;
@@ -527,12 +512,12 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec
                 let p = ptr;
                 // SAFETY: AVX-512F was detected; `xp` packs x's n rows, `wf` holds rows×k
                 // values, and this task alone writes columns first..first+rows of `y`.
-                unsafe { f32gemm::gemm(&xp, n, k, wf, rows, f32gemm::Out { ptr: p.0.add(first), stride: out }) };
+                unsafe { f32gemm::gemm(&xp, n, k, wf, rows, Out { ptr: p.0.add(first), stride: out }) };
             });
         });
         return y;
     }
-    let nb = block_rows(2 * k, out, 4);
+    let nb = block_rows(W_BLOCK_BYTES, 2 * k, out, 4);
     (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
         let first = b * nb;
         let rows = nb.min(out - first);

@@ -45,14 +45,25 @@ impl<'a> XRow<'a> {
 /// A dot-product kernel for one format.
 pub type QDot = unsafe fn(&[u8], &[f16], XRow<'_>) -> f32;
 
+/// Whether this CPU has AVX-512 F/BW/VNNI (the `vpdpbusd` kernels here and in `qgemm`).
+pub fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The fastest kernel this CPU runs for `qtype`.
 pub fn select(qtype: QType) -> QDot {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-        {
+        if vnni() {
             return match qtype {
                 QType::Q8_0 => x86::q8_avx512,
                 QType::Q4_0 => x86::q4_avx512,
@@ -86,10 +97,7 @@ pub fn all(qtype: QType) -> Vec<(&'static str, QDot)> {
     let mut v: Vec<(&'static str, QDot)> = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-        {
+        if vnni() {
             let k: QDot = match qtype {
                 QType::Q8_0 => x86::q8_avx512,
                 QType::Q4_0 => x86::q4_avx512,

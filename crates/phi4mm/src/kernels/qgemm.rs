@@ -23,6 +23,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::Out;
 use crate::quant::{QActs, QMatrix, QType, BLOCK, GROUP};
 
 /// Weight rows per register tile.
@@ -32,31 +33,11 @@ pub const NR: usize = 4;
 // `dispatch` has tiles for 1..=8 activation rows.
 const _: () = assert!(NR >= 1 && NR <= 8 && MR > 1);
 
-/// Whether this CPU has the instructions [`gemm`] needs.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Whether [`gemm`] runs products by `q` on this CPU: whole runs of 16 blocks only.
 pub fn takes(q: &QMatrix) -> bool {
-    q.cols().is_multiple_of(GROUP * BLOCK) && q.cols() > 0 && available()
+    q.cols().is_multiple_of(GROUP * BLOCK) && q.cols() > 0 && super::qdot::vnni()
 }
 
-/// Where results go: `y[i·stride + j]` for activation row `i` and weight row `j`.
-#[derive(Clone, Copy)]
-pub struct Out {
-    pub ptr: *mut f32,
-    pub stride: usize,
-}
 
 /// Activation rows `first..first+n` of `acts` (quantised for `q`'s format, `q.cols()` per row)
 /// times weight rows `w0..w0+rows` of `q` transposed, into `out` `[n, rows]`.
@@ -226,7 +207,7 @@ mod tests {
 
     #[test]
     fn matches_the_decode_kernel_for_every_tile_shape() -> crate::error::Result<()> {
-        if !available() {
+        if !qdot::vnni() {
             eprintln!("skipped: no AVX-512 VNNI on this CPU");
             return Ok(());
         }
@@ -256,7 +237,7 @@ mod tests {
 
     #[test]
     fn offsets_into_rows_and_weights() -> crate::error::Result<()> {
-        if !available() {
+        if !qdot::vnni() {
             return Ok(());
         }
         let (n, k, rows) = (6, 1024, 10);
