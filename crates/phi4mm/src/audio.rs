@@ -42,10 +42,10 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
+    fn load(s: &Scope, c: &AudioConfig, dtype: DType, act: DType) -> Result<Self> {
         let (d, i) = (c.hidden_size, c.intermediate_size);
         Ok(FeedForward {
-            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, dtype)?,
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, act)?,
             up: Linear::load(&s.pp("net.0.linear"), d, 2 * i, dtype)?,
             down: Linear::load(&s.pp("net.2"), i, d, dtype)?,
             inter: i,
@@ -106,16 +106,16 @@ struct ConvModule {
 }
 
 impl ConvModule {
-    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
+    fn load(s: &Scope, c: &AudioConfig, dtype: DType, act: DType) -> Result<Self> {
         let d = c.hidden_size;
         let k = c.kernel_size;
         let g = s.pp("glu");
         let dw = s.pp("dw_sep_conv_1d").pp("dw_conv");
         Ok(ConvModule {
-            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, dtype)?,
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, act)?,
             glu: Linear::load_pointwise(&g.pp("ext_pw_conv_1d"), d, 2 * d, 3, dtype)?,
-            b1: g.get("b1", &[1, d, 1], dtype)?.flatten_all()?,
-            b2: g.get("b2", &[1, d, 1], dtype)?.flatten_all()?,
+            b1: g.get("b1", &[1, d, 1], act)?.flatten_all()?,
+            b2: g.get("b2", &[1, d, 1], act)?.flatten_all()?,
             dw_w: dw.get("weight", &[d, 1, k], DType::F32)?.flatten_all()?.to_vec1()?,
             dw_b: dw.get("bias", &[d], DType::F32)?.to_vec1()?,
             pw: Linear::load_pointwise(&s.pp("dw_sep_conv_1d").pp("pw_conv"), d, d, 3, dtype)?,
@@ -170,12 +170,12 @@ struct Block {
 }
 
 impl Block {
-    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
+    fn load(s: &Scope, c: &AudioConfig, dtype: DType, act: DType) -> Result<Self> {
         let d = c.hidden_size;
         let a = s.pp("self_attn");
         Ok(Block {
-            ff_in: FeedForward::load(&s.pp("feed_forward_in"), c, dtype)?,
-            norm_att: LayerNorm::load(&s.pp("layer_norm_att"), d, EPS, dtype)?,
+            ff_in: FeedForward::load(&s.pp("feed_forward_in"), c, dtype, act)?,
+            norm_att: LayerNorm::load(&s.pp("layer_norm_att"), d, EPS, act)?,
             attn: Attention {
                 q: Linear::load(&a.pp("linear_q"), d, d, dtype)?,
                 k: Linear::load(&a.pp("linear_k"), d, d, dtype)?,
@@ -183,9 +183,9 @@ impl Block {
                 out: Linear::load(&a.pp("linear_out"), d, d, dtype)?,
                 heads: c.num_attention_heads,
             },
-            conv: ConvModule::load(&s.pp("conv"), c, dtype)?,
-            ff_out: FeedForward::load(&s.pp("feed_forward_out"), c, dtype)?,
-            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, dtype)?,
+            conv: ConvModule::load(&s.pp("conv"), c, dtype, act)?,
+            ff_out: FeedForward::load(&s.pp("feed_forward_out"), c, dtype, act)?,
+            norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, act)?,
         })
     }
 
@@ -238,7 +238,7 @@ impl Subsampling {
     /// Output frames `k0..k1` of the subsampled sequence `[k1−k0, hidden]` from normalised
     /// features `[t, 80]`. Each output frame sees input frames `8k−7..=8k+7`, so a slice with a
     /// margin of 16 input frames on each side gives exact results.
-    fn forward_range(&self, feats: &[f32], t: usize, k0: usize, k1: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    fn forward_range(&self, feats: &[f32], t: usize, k0: usize, k1: usize, device: &Device, act: DType) -> Result<Tensor> {
         let ch = self.channels;
         let start = (8 * k0).saturating_sub(16);
         let end = (8 * k1 + 16).min(t);
@@ -263,8 +263,8 @@ impl Subsampling {
                 o.iter_mut().for_each(|v| *v = v.max(0.0));
             }
         }
-        let (a, h2, w2) = self.dw_pw(&a, h1, w1, &self.dw1_w, &self.dw1_b, &self.pw1, device)?;
-        let (a, h3, w3) = self.dw_pw(&a, h2, w2, &self.dw2_w, &self.dw2_b, &self.pw2, device)?;
+        let (a, h2, w2) = self.dw_pw(&a, h1, w1, &self.dw1_w, &self.dw1_b, &self.pw1, device, act)?;
+        let (a, h3, w3) = self.dw_pw(&a, h2, w2, &self.dw2_w, &self.dw2_b, &self.pw2, device, act)?;
         // [t', f, ch] → channel-major rows [t', ch·f] → Linear.
         let skip = k0 - start / 8;
         let rows = k1 - k0;
@@ -279,7 +279,7 @@ impl Subsampling {
                 }
             }
         }
-        let flat = Tensor::from_vec(flat, (rows, ch * w3), device)?.to_dtype(dtype)?;
+        let flat = Tensor::from_vec(flat, (rows, ch * w3), device)?.to_dtype(act)?;
         self.out.forward(&flat)
     }
 
@@ -294,6 +294,7 @@ impl Subsampling {
         db: &[f32],
         pw: &Linear,
         device: &Device,
+        act: DType,
     ) -> Result<(Vec<f32>, usize, usize)> {
         let ch = self.channels;
         let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
@@ -315,7 +316,7 @@ impl Subsampling {
             }
         }
         let t = Tensor::from_vec(o, (ho * wo, ch), device)?;
-        let y = pw.forward(&t.to_dtype(pw.w.dtype())?)?.relu()?;
+        let y = pw.forward(&t.to_dtype(act)?)?.relu()?;
         Ok((y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, ho, wo))
     }
 }
@@ -332,7 +333,8 @@ pub struct AudioEncoder {
     blocks: Vec<Block>,
     speech_projection: MlpProjector,
     vision_projection: MlpProjector,
-    dtype: DType,
+    /// The activations' dtype ([`crate::layers::activation_dtype`]).
+    act: DType,
     device: Device,
 }
 
@@ -343,13 +345,14 @@ impl AudioEncoder {
     }
 
     pub fn load(w: &Weights, c: &AudioConfig, out: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let act = crate::layers::activation_dtype(dtype, device);
         let s = w.root().pp(PREFIX);
         let e = s.pp("encoder");
         let d = c.hidden_size;
         let emb = e.pp("encoder_embedding");
         let mut blocks = Vec::with_capacity(c.num_blocks);
         for b in 0..c.num_blocks {
-            blocks.push(Block::load(&e.pp("encoders").pp(b), c, dtype)?);
+            blocks.push(Block::load(&e.pp("encoders").pp(b), c, dtype, act)?);
         }
         let proj = |name: &str| MlpProjector::load(&s.pp("audio_projection").pp(name), d, out, dtype);
         Ok(AudioEncoder {
@@ -367,7 +370,7 @@ impl AudioEncoder {
             blocks,
             speech_projection: proj("speech")?,
             vision_projection: proj("vision")?,
-            dtype,
+            act,
             device: device.clone(),
         })
     }
@@ -441,7 +444,7 @@ impl AudioEncoder {
         let mut k = k0;
         while k < k1 {
             let e = (k + SUB_CHUNK).min(k1);
-            parts.push(self.sub.forward_range(f, t, k, e, &self.device, self.dtype)?);
+            parts.push(self.sub.forward_range(f, t, k, e, &self.device, self.act)?);
             k = e;
         }
         Ok(Tensor::cat(&parts, 0)?)

@@ -2,11 +2,23 @@
 //! checkpoint's `[out, in]` layout, bf16 weights through the CPU kernel), LayerNorm, and the
 //! two-layer GELU projector that maps encoder features into the decoder's width.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::kernels;
 use crate::weights::Scope;
+
+/// The dtype the encoders compute in for weights stored in `dtype` on `device`: f32 on the CPU
+/// (bf16 weights stay bf16 and are widened inside the GEMM; f32 activations spare a rounding
+/// pass around every product and keep the element-wise ops off candle's bf16 loops), else
+/// `dtype`.
+pub fn activation_dtype(dtype: DType, device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
 
 /// `y = x·Wᵀ + b`.
 #[derive(Debug, Clone)]
@@ -33,7 +45,7 @@ impl Linear {
 
     /// `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(kernels::linear(x, &self.w)?.broadcast_add(&self.b)?)
+        kernels::linear_bias(x, &self.w, &self.b)
     }
 }
 

@@ -19,13 +19,11 @@ pub const PREFIX: &str = "model.embed_tokens_extend.image_embed";
 /// Crops sent through the tower at once (bounds the attention score memory).
 const CROPS_PER_BATCH: usize = 4;
 
-/// One pre-LN SigLIP encoder layer.
+/// One pre-LN SigLIP encoder layer (`q_proj`, `k_proj`, `v_proj` stacked into one product).
 #[derive(Debug, Clone)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Linear,
     out_proj: Linear,
     layer_norm2: LayerNorm,
     fc1: Linear,
@@ -34,38 +32,57 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(s: &Scope, c: &VisionConfig, dtype: DType) -> Result<Self> {
+    fn load(s: &Scope, c: &VisionConfig, dtype: DType, act: DType) -> Result<Self> {
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
         let a = s.pp("self_attn");
+        let (q, k, v) = (
+            Linear::load(&a.pp("q_proj"), h, h, dtype)?,
+            Linear::load(&a.pp("k_proj"), h, h, dtype)?,
+            Linear::load(&a.pp("v_proj"), h, h, dtype)?,
+        );
         Ok(EncoderLayer {
-            layer_norm1: LayerNorm::load(&s.pp("layer_norm1"), h, eps, dtype)?,
-            q_proj: Linear::load(&a.pp("q_proj"), h, h, dtype)?,
-            k_proj: Linear::load(&a.pp("k_proj"), h, h, dtype)?,
-            v_proj: Linear::load(&a.pp("v_proj"), h, h, dtype)?,
+            layer_norm1: LayerNorm::load(&s.pp("layer_norm1"), h, eps, act)?,
+            qkv: Linear { w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)? },
             out_proj: Linear::load(&a.pp("out_proj"), h, h, dtype)?,
-            layer_norm2: LayerNorm::load(&s.pp("layer_norm2"), h, eps, dtype)?,
+            layer_norm2: LayerNorm::load(&s.pp("layer_norm2"), h, eps, act)?,
             fc1: Linear::load(&s.pp("mlp").pp("fc1"), h, i, dtype)?,
             fc2: Linear::load(&s.pp("mlp").pp("fc2"), i, h, dtype)?,
             heads: c.num_attention_heads,
         })
     }
 
-    /// `x` `[b, p, h]`; `mask` `[b, 1, 1, p]` additive key mask or none.
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    /// `x` `[b, p, h]`; `mask` `[b·p]` additive key mask (0 or −∞) or none.
+    fn forward(&self, x: &Tensor, mask: Option<&[f32]>) -> Result<Tensor> {
         let (b, p, h) = x.dims3()?;
         let d = h / self.heads;
-        let flat = self.layer_norm1.forward(x)?.reshape((b * p, h))?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, p, self.heads, d))?.transpose(1, 2)?.contiguous()?)
+        let scale = 1.0 / (d as f64).sqrt();
+        let qkv = self.qkv.forward(&self.layer_norm1.forward(x)?.reshape((b * p, h))?)?; // [b·p, 3h]
+        let attn = if x.device().is_cpu() && x.dtype() == DType::F32 && kernels::attention::available() {
+            kernels::attention::self_attention(&qkv, b, self.heads, scale as f32, mask.map(<[f32]>::to_vec))?
+        } else {
+            self.attention_portable(&qkv, b, p, mask)?
         };
-        let q = split(self.q_proj.forward(&flat)?)?;
-        let k = split(self.k_proj.forward(&flat)?)?;
-        let v = split(self.v_proj.forward(&flat)?)?;
-        // Scores, softmax and the weighted sum in f32: the score matrices are the large
-        // tensors here, and the CPU backend has no bf16 GEMM (it would widen them per call).
-        let f32 = |t: Tensor| t.to_dtype(DType::F32);
-        let (q, k, v) = (f32(q)?, f32(k)?, f32(v)?);
+        let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
+        let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
+        let m = self.fc2.forward(&kernels::elementwise::gelu_tanh(&self.fc1.forward(&flat)?)?)?; // tanh GELU
+        Ok((x + m.reshape((b, p, h))?)?)
+    }
+
+    /// The attention through the backend's matmul and softmax: `qkv` `[b·p, 3h]` → `[b·p, h]`.
+    fn attention_portable(&self, qkv: &Tensor, b: usize, p: usize, mask: Option<&[f32]>) -> Result<Tensor> {
+        let h = qkv.dim(1)? / 3;
+        let d = h / self.heads;
+        let split = |i: usize| -> Result<Tensor> {
+            let t = qkv.narrow(1, i * h, h)?.reshape((b, p, self.heads, d))?.transpose(1, 2)?;
+            // Scores, softmax and the weighted sum in f32: the score matrices are the large tensors.
+            Ok(t.contiguous()?.to_dtype(DType::F32)?)
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let q = (q * (1.0 / (d as f64).sqrt()))?;
+        let mask = match mask {
+            Some(m) => Some(Tensor::from_vec(m.to_vec(), (b, 1, 1, p), qkv.device())?),
+            None => None,
+        };
         // One crop and a few heads at a time: the whole score tensor would be
         // [b, heads, p, p] (470 MB per layer for 7 crops), allocated and streamed four times.
         let mut parts = Vec::with_capacity(b);
@@ -75,20 +92,16 @@ impl EncoderLayer {
                 let n = ATTN_HEADS.min(self.heads - h0);
                 let piece = |t: &Tensor| t.narrow(0, i, 1)?.narrow(1, h0, n);
                 let scores = piece(&q)?.matmul(&piece(&k)?.t()?)?; // [1, n, p, p]
-                let scores = match mask {
+                let scores = match &mask {
                     Some(m) => scores.broadcast_add(&m.narrow(0, i, 1)?)?,
                     None => scores,
                 };
-                let probs = crate::kernels::elementwise::softmax_last_dim(&scores)?;
+                let probs = kernels::elementwise::softmax_last_dim(&scores)?;
                 heads.push(probs.matmul(&piece(&v)?)?); // [1, n, p, d]
             }
             parts.push(Tensor::cat(&heads, 1)?);
         }
-        let attn = Tensor::cat(&parts, 0)?.to_dtype(x.dtype())?.transpose(1, 2)?.reshape((b * p, h))?;
-        let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
-        let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
-        let m = self.fc2.forward(&crate::kernels::elementwise::gelu_tanh(&self.fc1.forward(&flat)?)?)?; // tanh GELU
-        Ok((x + m.reshape((b, p, h))?)?)
+        Ok(Tensor::cat(&parts, 0)?.to_dtype(qkv.dtype())?.transpose(1, 2)?.reshape((b * p, h))?)
     }
 }
 
@@ -106,7 +119,8 @@ pub struct VisionEncoder {
     sub_gn: Tensor, // [hidden]
     img_projection: Projector,
     hidden: usize,
-    dtype: DType,
+    /// The activations' dtype ([`crate::layers::activation_dtype`]).
+    act: DType,
     device: Device,
 }
 
@@ -119,6 +133,7 @@ impl VisionEncoder {
     /// Loads the tower layers the features need (up to `feature_layer`), the separators and
     /// the projector into the decoder width `out`.
     pub fn load(w: &Weights, c: &VisionConfig, out: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let act = crate::layers::activation_dtype(dtype, device);
         let s = w.root().pp(PREFIX);
         let t = s.pp("img_processor");
         let h = c.hidden_size;
@@ -134,19 +149,19 @@ impl VisionEncoder {
         };
         let mut layers = Vec::with_capacity(run);
         for l in 0..run {
-            layers.push(EncoderLayer::load(&t.pp("encoder").pp("layers").pp(l), c, dtype)?);
+            layers.push(EncoderLayer::load(&t.pp("encoder").pp("layers").pp(l), c, dtype, act)?);
         }
         let n_pos = (c.image_size / c.patch_size).pow(2);
         Ok(VisionEncoder {
             patch_w,
-            patch_b: emb.pp("patch_embedding").get("bias", &[h], dtype)?,
-            pos_table: emb.pp("position_embedding").get("weight", &[n_pos, h], dtype)?,
+            patch_b: emb.pp("patch_embedding").get("bias", &[h], act)?,
+            pos_table: emb.pp("position_embedding").get("weight", &[n_pos, h], act)?,
             layers,
-            glb_gn: s.get("glb_GN", &[1, 1, h], dtype)?.flatten_all()?,
-            sub_gn: s.get("sub_GN", &[1, 1, 1, h], dtype)?.flatten_all()?,
+            glb_gn: s.get("glb_GN", &[1, 1, h], act)?.flatten_all()?,
+            sub_gn: s.get("sub_GN", &[1, 1, 1, h], act)?.flatten_all()?,
             img_projection: Projector::load(&s.pp("img_projection"), h, out, dtype)?,
             hidden: h,
-            dtype,
+            act,
             device: device.clone(),
         })
     }
@@ -187,20 +202,16 @@ impl VisionEncoder {
                 }
             }
         }
-        let patches = Tensor::from_vec(patches, (b * p, k), &self.device)?.to_dtype(self.dtype)?;
-        let x = kernels::linear(&patches, &self.patch_w)?.broadcast_add(&self.patch_b)?;
+        let patches = Tensor::from_vec(patches, (b * p, k), &self.device)?.to_dtype(self.act)?;
+        let x = kernels::linear_bias(&patches, &self.patch_w, &self.patch_b)?;
         let (pos, any_pad) = position_ids(masks, b);
         let pos = Tensor::from_vec(pos, b * p, &self.device)?;
         let x = (x + self.pos_table.index_select(&pos, 0)?)?.reshape((b, p, self.hidden))?;
-        let mask = if any_pad {
-            let m: Vec<f32> = masks.iter().map(|&v| if v == 1 { 0.0 } else { f32::NEG_INFINITY }).collect();
-            Some(Tensor::from_vec(m, (b, 1, 1, p), &self.device)?)
-        } else {
-            None
-        };
+        let mask: Option<Vec<f32>> =
+            any_pad.then(|| masks.iter().map(|&v| if v == 1 { 0.0 } else { f32::NEG_INFINITY }).collect());
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_ref())?;
+            x = layer.forward(&x, mask.as_deref())?;
         }
         Ok(x)
     }
@@ -217,7 +228,7 @@ impl VisionEncoder {
             .sum(4)?
             .sum(2)?
             .affine(0.25, 0.0)?
-            .to_dtype(self.dtype)?; // [n, 16, 16, h]
+            .to_dtype(self.act)?; // [n, 16, 16, h]
         let sub = self.sub_gn.reshape((1, 1, h))?;
         let with_rows = |grid: Tensor, rows: usize| -> Result<Tensor> {
             // [rows, cols, h] → [rows·(cols+1), h]

@@ -121,8 +121,12 @@ fn image_prompts_match_reference_logits_and_greedy_tokens() {
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(vision_dir().join("cases.json")).unwrap()).unwrap();
     assert!(cases.len() >= 3);
+    // The tiny random model amplifies f32 rounding: noise of one ulp (relative 2e-7) on the
+    // prompt embeddings alone moved two_images_one_turn's last logits by up to 1.8e-4 (three
+    // draws: 1.8e-4, 1.6e-4, 7e-5; the other cases up to 8e-5), so 1e-4 is below this case's f32
+    // noise floor. The image features themselves are checked at 1e-4 above (they differ by < 5e-6).
     for case in &cases {
-        check_media_case(&engine, case, &vision_dir(), 1e-4);
+        check_media_case(&engine, case, &vision_dir(), 3e-4);
     }
 }
 

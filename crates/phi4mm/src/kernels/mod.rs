@@ -18,6 +18,7 @@
 //! output. Other dtypes and devices use the backend's own matmul. Threads come from rayon's
 //! one persistent pool (borrowed as a spinning team during a decode step).
 
+pub mod attention;
 mod bf16dot;
 pub mod elementwise;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -185,10 +186,24 @@ fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
 
 /// `x` `[.., in]` times `w` `[out, in]` transposed → `[.., out]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if w.dtype() != DType::BF16 || !x.device().is_cpu() || !matches!(x.dtype(), DType::BF16 | DType::F32) {
+    if !fast_linear(x, w) {
         return Ok(x.broadcast_matmul(&w.t()?)?);
     }
-    Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Bf16Linear)?)
+    Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Bf16Linear { bias: None })?)
+}
+
+/// `x · wᵀ + b` (`b` `[out]`); on the CPU kernels the bias is added as the results are stored.
+pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fast_linear(x, w) {
+        return Ok(x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?);
+    }
+    let bias = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Bf16Linear { bias: Some(bias) })?)
+}
+
+/// Whether [`linear`] runs on this module's CPU kernels (bf16 weight, f32 or bf16 input).
+fn fast_linear(x: &Tensor, w: &Tensor) -> bool {
+    w.dtype() == DType::BF16 && x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F32)
 }
 
 /// Rows of `x` up to which the dot-product path is used.
@@ -258,6 +273,29 @@ impl Source<'_> {
         }
     }
 
+    /// Rows `first..first+rows` as f32 into `out` (resized to `rows·k`) in the f32 tile's
+    /// weight layout ([`f32gemm::weight_index`]).
+    #[cfg(target_arch = "x86_64")]
+    fn f32_tiles_into(&self, first: usize, rows: usize, k: usize, out: &mut Vec<f32>, row: &mut Vec<f32>) {
+        out.resize(rows * k, 0.0);
+        row.resize(k, 0.0);
+        for r in 0..rows {
+            match self {
+                Source::Bf16(w) => {
+                    for (o, v) in row.iter_mut().zip(&w[(first + r) * k..(first + r + 1) * k]) {
+                        *o = v.to_f32();
+                    }
+                }
+                Source::Quant(q) => q.dequantize_row(first + r, row),
+            }
+            let base = f32gemm::weight_index(r, 0, rows, k);
+            let step = f32gemm::weight_index(r, 1, rows, k) - base;
+            for (p, &v) in row.iter().enumerate() {
+                out[base + p * step] = v;
+            }
+        }
+    }
+
     /// Rows `first..first+rows` as f32 into `out` (resized to `rows·k`).
     fn f32_rows_into(&self, first: usize, rows: usize, k: usize, out: &mut Vec<f32>) {
         out.resize(rows * k, 0.0);
@@ -276,7 +314,9 @@ impl Source<'_> {
     }
 }
 
-struct Bf16Linear;
+struct Bf16Linear {
+    bias: Option<Vec<f32>>,
+}
 
 impl CustomOp2 for Bf16Linear {
     fn name(&self) -> &'static str {
@@ -295,7 +335,10 @@ impl CustomOp2 for Bf16Linear {
             CpuStorage::BF16(v) => &v[l2.start_offset()..l2.start_offset() + out_dim * in_dim],
             _ => candle_core::bail!("bf16-linear: weight must be bf16"),
         };
-        run_op(s1, l1, Source::Bf16(w), out_dim, in_dim)
+        if self.bias.as_ref().is_some_and(|b| b.len() != out_dim) {
+            candle_core::bail!("bf16-linear: bias does not have {out_dim} values");
+        }
+        run_op(s1, l1, Source::Bf16(w), out_dim, in_dim, self.bias.as_deref())
     }
 }
 
@@ -307,7 +350,7 @@ impl CustomOp1 for QuantLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        run_op(s, l, Source::Quant(&self.0), self.0.rows(), self.0.cols())
+        run_op(s, l, Source::Quant(&self.0), self.0.rows(), self.0.cols(), None)
     }
 }
 
@@ -318,6 +361,7 @@ fn run_op(
     w: Source<'_>,
     out_dim: usize,
     in_dim: usize,
+    bias: Option<&[f32]>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let dims = l.shape().dims();
     let k = dims.last().copied().unwrap_or(0);
@@ -331,7 +375,7 @@ fn run_op(
         CpuStorage::BF16(v) => Input::Bf16(&v[off..off + n * k]),
         _ => candle_core::bail!("linear: input must be f32 or bf16"),
     };
-    let y = product(&x, n, k, w, out_dim);
+    let y = product(&x, n, k, w, out_dim, bias);
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = out_dim;
@@ -344,10 +388,10 @@ fn run_op(
 }
 
 /// `y` `[n, out]` = `x` `[n, k]` · `w` `[out, k]`ᵀ, picking the path (see the module docs).
-fn product(x: &Input<'_>, n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<f32> {
+fn product(x: &Input<'_>, n: usize, k: usize, w: Source<'_>, out: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let tiled = bf16dot::available();
-    if n <= DOT_ROWS {
-        return match (w, x) {
+    let mut y = if n <= DOT_ROWS {
+        match (w, x) {
             (Source::Quant(q), _) => {
                 let mut acts = QActs::default();
                 acts.quantize(&x.f32(), k, q.qtype());
@@ -367,14 +411,28 @@ fn product(x: &Input<'_>, n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
                 let xf = x.f32();
                 matvec(n, out, |r, i| dot(&xf[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]))
             }
-        };
-    }
-    match (x, w) {
-        #[cfg(target_arch = "x86_64")]
-        (_, Source::Quant(q)) if qgemm::takes(q) => quant_gemm(&x.f32(), n, q),
-        #[cfg(target_arch = "x86_64")]
-        (Input::Bf16(xb), _) if tiled => tiled_gemm(xb, n, k, w, out),
-        _ => blocked_gemm(&x.f32(), n, k, w, out),
+        }
+    } else {
+        match (x, w) {
+            #[cfg(target_arch = "x86_64")]
+            (_, Source::Quant(q)) if qgemm::takes(q) => quant_gemm(&x.f32(), n, q),
+            #[cfg(target_arch = "x86_64")]
+            (Input::Bf16(xb), _) if tiled => tiled_gemm(xb, n, k, w, out),
+            #[cfg(target_arch = "x86_64")]
+            (Input::F32(xf), _) if tiled => {
+                tiled_gemm(&elementwise::map_chunks(xf, round_bf16), n, k, w, out)
+            }
+            _ => return blocked_gemm(&x.f32(), n, k, w, out, bias),
+        }
+    };
+    add_bias(&mut y, out, bias);
+    y
+}
+
+/// `y[i, j] += bias[j]` over rows of `out` (for the paths that do not add it as they store).
+fn add_bias(y: &mut [f32], out: usize, bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        y.par_chunks_mut(out.max(1)).for_each(|r| r.iter_mut().zip(b).for_each(|(v, b)| *v += b));
     }
 }
 
@@ -497,7 +555,7 @@ fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<
 /// of weight rows to f32 and multiply with an f32 GEMM, blocks split over the threads.
 /// (Measured on the full decoder, 128-token prefill: 20.8 tok/s; widening the whole weight and
 /// one threaded GEMM instead: 11.6 tok/s.)
-fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec<f32> {
+fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
@@ -507,12 +565,13 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec
         (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
             let first = b * nb;
             let rows = nb.min(out - first);
-            WIDE.with_borrow_mut(|wf| {
-                w.f32_rows_into(first, rows, k, wf);
+            WIDE.with_borrow_mut(|(wf, row)| {
+                w.f32_tiles_into(first, rows, k, wf, row);
                 let p = ptr;
                 // SAFETY: AVX-512F was detected; `xp` packs x's n rows, `wf` holds rows×k
                 // values, and this task alone writes columns first..first+rows of `y`.
-                unsafe { f32gemm::gemm(&xp, n, k, wf, rows, Out { ptr: p.0.add(first), stride: out }) };
+                let b = bias.map(|b| &b[first..first + rows]);
+                unsafe { f32gemm::gemm(&xp, n, k, wf, rows, b, Out { ptr: p.0.add(first), stride: out }) };
             });
         });
         return y;
@@ -551,6 +610,7 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec
             );
         }
     });
+    add_bias(&mut y, out, bias);
     y
 }
 
@@ -558,7 +618,8 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize) -> Vec
 thread_local! {
     /// A weight block widened to f32, kept per thread from block to block (a fresh one per
     /// block was page-faulted in every time: 8% of a bf16 prefill's CPU time).
-    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// (With one row's scratch.)
+    static WIDE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `x · w` with `w` in bf16, picking the widest SIMD the CPU has.
