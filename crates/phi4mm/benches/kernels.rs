@@ -10,7 +10,11 @@
 //!   without AVX-512 BF16; Q8_0/Q4_0: the int8 `vpdpbusd` GEMM, activation quantisation
 //!   included), in multiply-adds per second;
 //! * `attention/{format}/{len}`: one decode step of attention over a KV cache of `len`
-//!   positions (24 query heads, 8 KV heads, head_dim 128): f32, bf16 and 8-bit caches.
+//!   positions (24 query heads, 8 KV heads, head_dim 128): f32, bf16 and 8-bit caches;
+//! * `encoder/…`: the SigLIP tower's work for a batch of 4 crops (4096 rows, f32 activations,
+//!   bf16 weights): `fc1` (1152 → 4304, bias added as stored), `fc2` (4304 → 1152) and the
+//!   self-attention kernel (16 heads of 72 over 1024 patches per crop), in multiply-adds per
+//!   second.
 
 use std::sync::Arc;
 
@@ -109,5 +113,31 @@ fn attention(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, linear, stream, attention);
+fn encoder(c: &mut Criterion) {
+    let n = 4096;
+    let mut g = c.benchmark_group("encoder");
+    g.sample_size(10);
+    for (name, out, k) in [("fc1", 4304, 1152), ("fc2", 1152, 4304)] {
+        let (Ok(w), Ok(b), Ok(x)) = (
+            Tensor::randn(0f32, 0.02, (out, k), &Device::Cpu).and_then(|t| t.to_dtype(DType::BF16)),
+            Tensor::randn(0f32, 0.02, out, &Device::Cpu),
+            Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu),
+        ) else {
+            return;
+        };
+        g.throughput(Throughput::Elements((n * out * k) as u64));
+        g.bench_function(format!("{name}/{n}x{out}x{k}"), |bch| bch.iter(|| phi4mm::kernels::linear_bias(&x, &w, &b).ok()));
+    }
+    if phi4mm::kernels::attention::available() {
+        let (groups, heads, d, p) = (4, 16, 72, 1024);
+        let Ok(qkv) = Tensor::randn(0f32, 1.0, (groups * p, 3 * heads * d), &Device::Cpu) else { return };
+        g.throughput(Throughput::Elements((groups * heads * 2 * p * p * d) as u64));
+        g.bench_function("attention/4x1024x16x72", |bch| {
+            bch.iter(|| phi4mm::kernels::attention::self_attention(&qkv, groups, heads, 0.118, None).ok())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, linear, stream, attention, encoder);
 criterion_main!(benches);

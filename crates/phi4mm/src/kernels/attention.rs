@@ -93,8 +93,8 @@ struct Job<'a> {
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// Per-thread buffers: the head's keys and values in the tile's weight layout (values per
-    /// chunk of keys), the packed query panel, the panel's scores, its output sums.
+    /// Per-thread buffers: the head's keys and values in the tile's weight layout, the packed
+    /// query panel, the panel's scores, its output sums.
     static BUFS: std::cell::RefCell<[Vec<f32>; 5]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
 }
 
@@ -115,16 +115,14 @@ impl Job<'_> {
             kp.resize(n * d, 0.0);
             vp.resize(d * n, 0.0);
             for (j, r) in rows.chunks_exact(w).enumerate() {
-                let (k0, kc) = (j / KEY_CHUNK * KEY_CHUNK, KEY_CHUNK.min(n - j / KEY_CHUNK * KEY_CHUNK));
                 for c in 0..d {
                     kp[f32gemm::weight_index(j, c, n, d)] = r[ko + c];
-                    vp[k0 * d + f32gemm::weight_index(c, j - k0, d, kc)] = r[vo + c];
+                    vp[f32gemm::weight_index(c, j, d, n)] = r[vo + c];
                 }
             }
             oacc.resize(d * XR, 0.0);
             qp.resize(d * XR, 0.0);
             st.resize(n * XR, 0.0);
-            let mut tmp = [0f32; XR];
             for q0 in (0..n).step_by(XR) {
                 let valid = (n - q0).min(XR);
                 qp.fill(0.0);
@@ -135,16 +133,15 @@ impl Job<'_> {
                 }
                 let (s, scale) = (st.as_mut_ptr(), _mm512_set1_ps(self.scale));
                 // Scaled after the product, as the reference does (q·kᵀ·scale).
-                f32gemm::tiles(qp.as_ptr(), kp.as_ptr(), d, n, |j, a0, a1| {
+                f32gemm::tiles(qp.as_ptr(), kp.as_ptr(), d, 0, d, n, |j, a0, a1| {
                     _mm512_storeu_ps(s.add(j * XR), _mm512_mul_ps(a0, scale));
                     _mm512_storeu_ps(s.add(j * XR + 16), _mm512_mul_ps(a1, scale));
                 });
-                let inv = softmax_columns(st, n, self.mask.map(|m| &m[g * n..(g + 1) * n]));
+                softmax_columns(st, n, self.mask.map(|m| &m[g * n..(g + 1) * n]));
                 // p·v over chunks of keys, summed chunk by chunk (shorter f32 sums).
                 for k0 in (0..n).step_by(KEY_CHUNK) {
-                    let kc = KEY_CHUNK.min(n - k0);
                     let o = oacc.as_mut_ptr();
-                    f32gemm::tiles(st.as_ptr().add(k0 * XR), vp.as_ptr().add(k0 * d), kc, d, |c, a0, a1| {
+                    f32gemm::tiles(st.as_ptr().add(k0 * XR), vp.as_ptr(), n, k0, KEY_CHUNK.min(n - k0), d, |c, a0, a1| {
                         let (p0, p1) = (o.add(c * XR), o.add(c * XR + 16));
                         if k0 > 0 {
                             _mm512_storeu_ps(p0, _mm512_add_ps(_mm512_loadu_ps(p0), a0));
@@ -156,9 +153,7 @@ impl Job<'_> {
                     });
                 }
                 for (c, acc) in oacc.chunks_exact(XR).enumerate() {
-                    _mm512_storeu_ps(tmp.as_mut_ptr(), _mm512_loadu_ps(acc.as_ptr()));
-                    _mm512_storeu_ps(tmp.as_mut_ptr().add(16), _mm512_loadu_ps(acc.as_ptr().add(16)));
-                    for (i, &v) in tmp.iter().take(valid).enumerate() {
+                    for (i, &v) in acc.iter().take(valid).enumerate() {
                         *out.add((g * n + q0 + i) * self.h + qo + c) = v;
                     }
                 }
@@ -167,11 +162,11 @@ impl Job<'_> {
     }
 }
 
-/// `st` `[n, XR]` scores (one row per key) → `e^(s + mask − max)` per column, and the
-/// reciprocals of the columns' sums.
+/// `st` `[n, XR]` scores (one row per key) → the softmax of each column,
+/// `e^(s + mask − max) / Σ`, normalised before `p·v` as the reference does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_columns(st: &mut [f32], n: usize, mask: Option<&[f32]>) -> [__m512; 2] {
+unsafe fn softmax_columns(st: &mut [f32], n: usize, mask: Option<&[f32]>) {
     let s = st.as_mut_ptr();
     let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
     for j in 0..n {
@@ -199,12 +194,11 @@ unsafe fn softmax_columns(st: &mut [f32], n: usize, mask: Option<&[f32]>) -> [__
     let one = _mm512_set1_ps(1.0);
     let inv = [_mm512_div_ps(one, sum[0]), _mm512_div_ps(one, sum[1])];
     for j in 0..n {
-        for half in 0..2 {
+        for (half, inv) in inv.iter().enumerate() {
             let p = s.add(j * XR + 16 * half);
-            _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), inv[half]));
+            _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), *inv));
         }
     }
-    inv
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]

@@ -59,55 +59,163 @@ pub fn weight_index(r: usize, p: usize, rows: usize, k: usize) -> usize {
     j * k + p * WR.min(rows - j) + (r - j)
 }
 
-/// `x` (packed by [`pack`] from `n` rows of `k`) · `w` `[rows, k]`ᵀ into `out` `[n, rows]`,
-/// plus `bias[j]` on column `j` when given; `wp` holds the weights in the [`weight_index`]
-/// layout.
+/// Columns of `k` per pass over a panel in [`gemm`]: a panel's 256 columns (32 KB) stay in
+/// L1 while every weight tile of the block passes over them.
+const KC: usize = 256;
+
+/// Columns of `k` the caller widens per weight block ([`gemm`]'s `kc`): a block of 512 rows of
+/// 512 columns (1 MiB) stays in L2 and every activation value read from memory meets 512
+/// weight rows. (Whole rows instead, as first written, left 60 rows of `fc2`'s 4304 columns per
+/// block: `encoder/fc2` 66 → see the README for the measured gain.)
+pub const K_BLOCK: usize = 512;
+
+/// Columns `k0..k0+kc` of `x` (packed by [`pack`] from `n` rows of `k`) times a block of
+/// weights `[rows, kc]` (`wp`, in the [`weight_index`] layout for `kc` columns), added into
+/// `out` `[n, rows]` — or stored, plus `bias[j]` on column `j`, when `k0` is 0. `acc` is
+/// scratch.
 ///
 /// # Safety
-/// Only call when [`available`] is true; `xp` is `pack(x, n, k)`, `wp` holds `rows·k` values,
-/// `bias` (if any) `rows`, and `out` covers `n` rows of `rows` columns that no other thread
-/// writes.
+/// Only call when [`available`] is true; `xp` is `pack(x, n, k)`, `k0 + kc ≤ k`, `wp` holds
+/// `rows·kc` values, `bias` (if any) `rows`, and `out` covers `n` rows of `rows` columns
+/// that no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn gemm(xp: &[f32], n: usize, k: usize, wp: &[f32], rows: usize, bias: Option<&[f32]>, out: Out) {
-    let mut tmp = [0f32; XR];
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    xp: &[f32],
+    n: usize,
+    k: usize,
+    (k0, kc): (usize, usize),
+    wp: &[f32],
+    rows: usize,
+    bias: Option<&[f32]>,
+    out: Out,
+    acc: &mut Vec<f32>,
+) {
+    acc.resize(rows * XR, 0.0);
+    let a = acc.as_mut_ptr();
     for panel in 0..n.div_ceil(XR) {
-        let xs = xp.as_ptr().add(panel * k * XR);
+        let xs = xp.as_ptr().add(panel * k * XR + k0 * XR);
+        // Sums per weight row and panel row in `acc` ([rows, XR]), KC columns at a time.
+        for c0 in (0..kc).step_by(KC) {
+            tiles(xs.add(c0 * XR), wp.as_ptr(), kc, c0, KC.min(kc - c0), rows, |j, a0, a1| {
+                let (p0, p1) = (a.add(j * XR), a.add(j * XR + 16));
+                if c0 > 0 {
+                    _mm512_storeu_ps(p0, _mm512_add_ps(_mm512_loadu_ps(p0), a0));
+                    _mm512_storeu_ps(p1, _mm512_add_ps(_mm512_loadu_ps(p1), a1));
+                } else {
+                    _mm512_storeu_ps(p0, a0);
+                    _mm512_storeu_ps(p1, a1);
+                }
+            });
+        }
         let valid = (n - panel * XR).min(XR);
         let o = out.ptr.add(panel * XR * out.stride);
-        tiles(xs, wp.as_ptr(), k, rows, |j, a0, a1| {
-            let b = bias.map_or(0.0, |b| b[j]);
-            _mm512_storeu_ps(tmp.as_mut_ptr(), a0);
-            _mm512_storeu_ps(tmp.as_mut_ptr().add(16), a1);
-            for (i, &v) in tmp.iter().take(valid).enumerate() {
-                *o.add(i * out.stride + j) = v + b;
+        store_sums(acc, rows, valid, k0 == 0, bias, Out { ptr: o, stride: out.stride });
+    }
+}
+
+/// `acc` `[rows, XR]` (sums per weight row `j` and panel row `i`) into the first `valid` rows
+/// of `out` `[·, rows]`: stored plus `bias` when `first`, else added. 16×16 blocks are
+/// transposed in registers so the output is written a row of 16 columns at a time (the scalar
+/// strided read-modify-write took 15% of `fc1`'s time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_sums(acc: &[f32], rows: usize, valid: usize, first: bool, bias: Option<&[f32]>, out: Out) {
+    let full = rows / 16 * 16;
+    for j0 in (0..full).step_by(16) {
+        let b = match (first, bias) {
+            (true, Some(b)) => _mm512_loadu_ps(b.as_ptr().add(j0)),
+            _ => _mm512_setzero_ps(),
+        };
+        for i0 in (0..valid).step_by(16) {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (jj, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(acc.as_ptr().add((j0 + jj) * XR + i0));
             }
-        });
+            transpose16(&mut r);
+            for (ii, v) in r.iter().enumerate().take(valid - i0) {
+                let y = out.ptr.add((i0 + ii) * out.stride + j0);
+                let base = if first { b } else { _mm512_loadu_ps(y) };
+                _mm512_storeu_ps(y, _mm512_add_ps(base, *v));
+            }
+        }
+    }
+    for j in full..rows {
+        let b = if first { bias.map_or(0.0, |b| b[j]) } else { 0.0 };
+        for i in 0..valid {
+            let y = out.ptr.add(i * out.stride + j);
+            *y = if first { acc[j * XR + i] + b } else { *y + acc[j * XR + i] };
+        }
+    }
+}
+
+/// Transposes the 16×16 matrix whose rows are `r` in place.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    // Pairs of rows interleaved, then groups of four: u[4g + c] holds, in 128-bit lane L,
+    // column 4L + c of rows 4g..4g+4.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for k in 0..8 {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (a, b) = (t[4 * g], t[4 * g + 1]);
+        let (c, d) = (t[4 * g + 2], t[4 * g + 3]);
+        u[4 * g] = _mm512_shuffle_ps::<0x44>(a, c);
+        u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+    }
+    // Then the lanes: column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        let w0 = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+        r[c] = _mm512_shuffle_f32x4::<0x88>(v0, v1);
+        r[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v0, v1);
+        r[4 + c] = _mm512_shuffle_f32x4::<0x88>(w0, w1);
+        r[12 + c] = _mm512_shuffle_f32x4::<0xDD>(w0, w1);
     }
 }
 
 // `tiles` has tiles for 1..=12 weight rows.
 const _: () = assert!(WR <= 12 && XR == 32);
 
-/// One panel `xs` (`k` columns of [`XR`] values) times `rows` weight rows of `k` (in the
-/// [`weight_index`] layout) in tiles of up to [`WR`] rows; `store(j, a0, a1)` receives weight
-/// row `j`'s sums for the panel's rows 0..16 and 16..32.
+/// `kc` columns of a panel (`xs` points at the first: [`XR`] values per column) times `rows`
+/// weight rows — columns `w0..w0+kc` of a [`weight_index`] layout of `wk` columns — in tiles of
+/// up to [`WR`] rows; `store(j, a0, a1)` receives weight row `j`'s sums for the panel's rows
+/// 0..16 and 16..32.
 ///
 /// # Safety
-/// Only call when [`available`] is true; `xs` holds `k·XR` values and `wp` `rows·k`.
+/// Only call when [`available`] is true; `xs` holds `kc·XR` values, `wp` `rows·wk`, and
+/// `w0 + kc ≤ wk`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn tiles(xs: *const f32, wp: *const f32, k: usize, rows: usize, mut store: impl FnMut(usize, __m512, __m512)) {
+pub unsafe fn tiles(
+    xs: *const f32,
+    wp: *const f32,
+    wk: usize,
+    w0: usize,
+    kc: usize,
+    rows: usize,
+    mut store: impl FnMut(usize, __m512, __m512),
+) {
     let mut j = 0;
     while j < rows {
         let m = (rows - j).min(WR);
-        let wj = wp.add(j * k);
+        let wj = wp.add(j * wk + w0 * m);
         let mut put = |jj: usize, a0, a1| store(j + jj, a0, a1);
         macro_rules! tiles {
             ($($m:literal)*) => {
                 match m {
-                    $($m => tile::<$m>(xs, wj, k, &mut put),)*
+                    $($m => tile::<$m>(xs, wj, kc, &mut put),)*
                     _ => {}
                 }
             };
@@ -142,25 +250,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn transpose16_transposes() {
+        if !available() {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|v| v as f32).collect();
+        let mut got = [0f32; 256];
+        // SAFETY: feature checked above; 256 values each.
+        unsafe {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(m.as_ptr().add(16 * i));
+            }
+            transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(got.as_mut_ptr().add(16 * i), *v);
+            }
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(got[16 * i + j], m[16 * j + i], "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
     fn matches_f64_for_every_tile_shape() {
         if !available() {
             eprintln!("skipped: no AVX-512F on this CPU");
             return;
         }
-        for (n, k, rows) in [(1, 7, 1), (5, 64, 13), (33, 100, 6), (40, 3072, 25), (7, 33, 20), (64, 16, 7)] {
+        for (n, k, rows) in [(1, 7, 1), (5, 64, 13), (33, 100, 6), (40, 3072, 25), (7, 33, 20), (64, 16, 7), (50, 40, 48), (32, 9, 37)] {
             let x = crate::quant::test_values(n * k, k as u64);
             let w = crate::quant::test_values(rows * k, 3 + k as u64);
             let bias: Vec<f32> = (0..rows).map(|j| j as f32 * 0.25 - 1.0).collect();
-            let mut wp = vec![f32::NAN; rows * k];
-            for (r, row) in w.chunks(k).enumerate() {
-                for (p, &v) in row.iter().enumerate() {
-                    wp[weight_index(r, p, rows, k)] = v;
-                }
-            }
             let mut y = vec![f32::NAN; n * rows];
             let xp = pack(&x, n, k);
-            // SAFETY: feature checked above; sizes as documented.
-            unsafe { gemm(&xp, n, k, &wp, rows, Some(&bias), Out { ptr: y.as_mut_ptr(), stride: rows }) };
+            // Two column blocks (k0 = 0 stores with the bias, the second adds), as the caller
+            // splits k.
+            let half = k / 2;
+            for (k0, kc) in [(0, half), (half, k - half)] {
+                if kc == 0 {
+                    continue;
+                }
+                let mut wp = vec![f32::NAN; rows * kc];
+                for (r, row) in w.chunks(k).enumerate() {
+                    for (p, &v) in row[k0..k0 + kc].iter().enumerate() {
+                        wp[weight_index(r, p, rows, kc)] = v;
+                    }
+                }
+                // SAFETY: feature checked above; sizes as documented.
+                unsafe { gemm(&xp, n, k, (k0, kc), &wp, rows, Some(&bias), Out { ptr: y.as_mut_ptr(), stride: rows }, &mut Vec::new()) };
+            }
             for i in 0..n {
                 for j in 0..rows {
                     let want: f64 = bias[j] as f64 + (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>();

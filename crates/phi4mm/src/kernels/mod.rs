@@ -273,27 +273,35 @@ impl Source<'_> {
         }
     }
 
-    /// Rows `first..first+rows` as f32 into `out` (resized to `rows·k`) in the f32 tile's
-    /// weight layout ([`f32gemm::weight_index`]).
+    /// Columns `k0..k0+kc` of rows `first..first+rows` as f32 into `out` (`rows·kc` values)
+    /// in the f32 tile's weight layout ([`f32gemm::weight_index`]), tiles over the threads.
+    /// Quantised rows are dequantised whole, so they are read with `kc = k`.
     #[cfg(target_arch = "x86_64")]
-    fn f32_tiles_into(&self, first: usize, rows: usize, k: usize, out: &mut Vec<f32>, row: &mut Vec<f32>) {
-        out.resize(rows * k, 0.0);
-        row.resize(k, 0.0);
-        for r in 0..rows {
-            match self {
-                Source::Bf16(w) => {
-                    for (o, v) in row.iter_mut().zip(&w[(first + r) * k..(first + r + 1) * k]) {
-                        *o = v.to_f32();
+    fn f32_tiles_into(&self, first: usize, rows: usize, k: usize, (k0, kc): (usize, usize), out: &mut [f32]) {
+        let tile = f32gemm::WR * kc;
+        out.par_chunks_mut(tile.max(1)).enumerate().for_each(|(t, dst)| {
+            let mut row = vec![0f32; k];
+            for r in t * f32gemm::WR..(rows.min((t + 1) * f32gemm::WR)) {
+                let vals: &[f32] = match self {
+                    Source::Bf16(w) => {
+                        let src = &w[(first + r) * k + k0..(first + r) * k + k0 + kc];
+                        for (o, v) in row.iter_mut().zip(src) {
+                            *o = v.to_f32();
+                        }
+                        &row[..kc]
                     }
+                    Source::Quant(q) => {
+                        q.dequantize_row(first + r, &mut row);
+                        &row[k0..k0 + kc]
+                    }
+                };
+                let base = f32gemm::weight_index(r, 0, rows, kc) - t * tile;
+                let step = f32gemm::weight_index(r, 1, rows, kc) - f32gemm::weight_index(r, 0, rows, kc);
+                for (p, &v) in vals.iter().enumerate() {
+                    dst[base + p * step] = v;
                 }
-                Source::Quant(q) => q.dequantize_row(first + r, row),
             }
-            let base = f32gemm::weight_index(r, 0, rows, k);
-            let step = f32gemm::weight_index(r, 1, rows, k) - base;
-            for (p, &v) in row.iter().enumerate() {
-                out[base + p * step] = v;
-            }
-        }
+        });
     }
 
     /// Rows `first..first+rows` as f32 into `out` (resized to `rows·k`).
@@ -489,9 +497,11 @@ fn matvec(n: usize, out: usize, f: impl Fn(usize, usize) -> f32 + Sync) -> Vec<f
 fn block_rows(budget: usize, row_bytes: usize, out: usize, tile: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_cache = (budget / row_bytes.max(1)).max(tile) / tile * tile;
-    // Enough blocks for every thread to get several.
-    let by_balance = (out.div_ceil(threads * 4)).div_ceil(tile) * tile;
-    by_cache.min(by_balance.max(tile))
+    // At least four blocks per thread, and a multiple of the threads (as near as the tile
+    // allows): 9 blocks over 2 threads left one idle for a ninth of every product.
+    let per_thread = out.div_ceil(threads * by_cache).max(4);
+    let nb = out.div_ceil(threads * per_thread).div_ceil(tile) * tile;
+    nb.clamp(tile, by_cache)
 }
 
 /// Where a GEMM kernel's results go: `y[i·stride + j]` for activation row `i` and weight row
@@ -560,20 +570,7 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize, bias: 
     let ptr = SharedOut(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     if f32gemm::available() {
-        let nb = block_rows(F32_BLOCK_BYTES, 4 * k, out, f32gemm::WR);
-        let xp = f32gemm::pack(x, n, k);
-        (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
-            let first = b * nb;
-            let rows = nb.min(out - first);
-            WIDE.with_borrow_mut(|(wf, row)| {
-                w.f32_tiles_into(first, rows, k, wf, row);
-                let p = ptr;
-                // SAFETY: AVX-512F was detected; `xp` packs x's n rows, `wf` holds rows×k
-                // values, and this task alone writes columns first..first+rows of `y`.
-                let b = bias.map(|b| &b[first..first + rows]);
-                unsafe { f32gemm::gemm(&xp, n, k, wf, rows, b, Out { ptr: p.0.add(first), stride: out }) };
-            });
-        });
+        f32_tile_gemm(x, n, k, w, bias, &mut y, out);
         return y;
     }
     let nb = block_rows(W_BLOCK_BYTES, 2 * k, out, 4);
@@ -614,12 +611,77 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize, bias: 
     y
 }
 
+/// The AVX-512F f32 tile over blocks of weights widened (or dequantised) to f32: bf16 weights
+/// in blocks of [`f32gemm::K_BLOCK`] columns whose sums are added into `y` (quantised rows are
+/// dequantised whole, so in one block). With at least two panels of activation rows per
+/// thread, each weight block is widened once (its tiles over the threads) and then the panels
+/// are split over the threads, so the block's rows can fill L2 whatever `out` is (every
+/// activation value read from memory meets up to 512 weight rows); with fewer panels, blocks of
+/// weight rows are split over the threads and each task runs all the panels.
+/// (`cargo bench -p phi4mm --bench kernels -- encoder`: see the README for the figures.)
+#[cfg(target_arch = "x86_64")]
+fn f32_tile_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, bias: Option<&[f32]>, y: &mut [f32], out: usize) {
+    let xp = f32gemm::pack(x, n, k);
+    let k_block = match w {
+        Source::Bf16(_) => f32gemm::K_BLOCK.min(k.max(1)),
+        Source::Quant(_) => k.max(1),
+    };
+    let ptr = SharedOut(y.as_mut_ptr());
+    let panels = n.div_ceil(f32gemm::XR);
+    let threads = rayon::current_num_threads().max(1);
+    let by_cache = (F32_BLOCK_BYTES / (4 * k_block)).max(f32gemm::WR) / f32gemm::WR * f32gemm::WR;
+    // One block of weights times the panels `ps` (this task alone writes their rows of
+    // columns first..first+rows of y).
+    let run = |wf: &[f32], first: usize, rows: usize, (k0, kc): (usize, usize), ps: std::ops::Range<usize>, acc: &mut Vec<f32>| {
+        let p = ptr;
+        let b = bias.map(|b| &b[first..first + rows]);
+        let (x0, n0) = (ps.start * f32gemm::XR, (ps.end * f32gemm::XR).min(n));
+        // SAFETY: AVX-512F was detected (the caller); `xp` packs x's n rows, so from panel
+        // ps.start on it packs n0 − x0 rows; `wf` holds rows×kc values; the output pointer
+        // covers rows x0..n0 of columns first.. of y (n·out values).
+        unsafe {
+            let o = Out { ptr: p.0.add(x0 * out + first), stride: out };
+            f32gemm::gemm(&xp[x0 * k..], n0 - x0, k, (k0, kc), wf, rows, b, o, acc);
+        }
+    };
+    if panels >= 2 * threads {
+        let mut wf = vec![0f32; by_cache.min(out) * k_block];
+        for first in (0..out).step_by(by_cache) {
+            let rows = by_cache.min(out - first);
+            for k0 in (0..k).step_by(k_block) {
+                let kc = k_block.min(k - k0);
+                let wf = &mut wf[..rows * kc];
+                w.f32_tiles_into(first, rows, k, (k0, kc), wf);
+                let wf = &*wf;
+                (0..panels).into_par_iter().for_each(|p| ACC.with_borrow_mut(|acc| run(wf, first, rows, (k0, kc), p..p + 1, acc)));
+            }
+        }
+        return;
+    }
+    let nb = block_rows(F32_BLOCK_BYTES, 4 * k_block, out, f32gemm::WR);
+    (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
+        let first = b * nb;
+        let rows = nb.min(out - first);
+        WIDE.with_borrow_mut(|wf| {
+            wf.resize(rows * k_block, 0.0);
+            ACC.with_borrow_mut(|acc| {
+                for k0 in (0..k).step_by(k_block) {
+                    let kc = k_block.min(k - k0);
+                    w.f32_tiles_into(first, rows, k, (k0, kc), &mut wf[..rows * kc]);
+                    run(&wf[..rows * kc], first, rows, (k0, kc), 0..panels, acc);
+                }
+            })
+        });
+    });
+}
+
 #[cfg(target_arch = "x86_64")]
 thread_local! {
+    /// The f32 tile's per-thread sums of one panel.
+    static ACC: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A weight block widened to f32, kept per thread from block to block (a fresh one per
     /// block was page-faulted in every time: 8% of a bf16 prefill's CPU time).
-    /// (With one row's scratch.)
-    static WIDE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `x · w` with `w` in bf16, picking the widest SIMD the CPU has.
