@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::audio_features::{LogMel, N_MELS};
 use crate::encoder_config::AudioConfig;
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::layers::{LayerNorm, Linear, Projector as MlpProjector};
 use crate::weights::{Scope, Weights};
 
@@ -38,7 +39,6 @@ struct FeedForward {
     norm: LayerNorm,
     up: Linear,
     down: Linear,
-    inter: usize,
 }
 
 impl FeedForward {
@@ -48,15 +48,12 @@ impl FeedForward {
             norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, act)?,
             up: Linear::load(&s.pp("net.0.linear"), d, 2 * i, dtype)?,
             down: Linear::load(&s.pp("net.2"), i, d, dtype)?,
-            inter: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.up.forward(&self.norm.forward(x)?)?;
-        let value = h.narrow(2, 0, self.inter)?;
-        let gate = h.narrow(2, self.inter, self.inter)?;
-        self.down.forward(&(value * candle_nn::ops::silu(&gate)?)?)
+        self.down.forward(&kernels::elementwise::gated_silu(&h, None)?)
     }
 }
 
@@ -102,7 +99,6 @@ struct ConvModule {
     pw: Linear,
     ext: Linear,
     kernel: usize,
-    dim: usize,
 }
 
 impl ConvModule {
@@ -121,18 +117,14 @@ impl ConvModule {
             pw: Linear::load_pointwise(&s.pp("dw_sep_conv_1d").pp("pw_conv"), d, d, 3, dtype)?,
             ext: Linear::load_pointwise(&s.pp("ext_pw_conv_1d"), d, d, 3, dtype)?,
             kernel: k,
-            dim: d,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let d = self.dim;
         let h = self.glu.forward(&self.norm.forward(x)?)?;
-        let a = h.narrow(2, 0, d)?.broadcast_add(&self.b1)?;
-        let g = h.narrow(2, d, d)?.broadcast_add(&self.b2)?;
-        let h = (a * candle_nn::ops::silu(&g)?)?;
+        let h = kernels::elementwise::gated_silu(&h, Some((&self.b1, &self.b2)))?;
         let h = self.causal_depthwise(&h)?;
-        let h = candle_nn::ops::silu(&self.pw.forward(&h)?)?;
+        let h = kernels::elementwise::silu(&self.pw.forward(&h)?)?;
         self.ext.forward(&h)
     }
 

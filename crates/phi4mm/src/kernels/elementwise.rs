@@ -175,6 +175,93 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1_no_bwd(&GeluTanh)?)
 }
 
+/// `x·σ(x)` (PyTorch `silu`), with the polynomial [`exp`].
+#[inline(always)]
+fn silu_one(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = l.shape().elem_count();
+        let CpuStorage::F32(v) = s else { candle_core::bail!("silu: f32 only") };
+        Ok((CpuStorage::F32(map_chunks(&v[l.start_offset()..l.start_offset() + n], silu_one)), l.shape().clone()))
+    }
+}
+
+/// `x·σ(x)` on the CPU for f32 with the polynomial [`exp`], anything else through candle.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(candle_nn::ops::silu(x)?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Silu)?)
+}
+
+struct GatedSilu {
+    half: usize,
+    b: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl CustomOp1 for GatedSilu {
+    fn name(&self) -> &'static str {
+        "gated-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h = self.half.max(1);
+        let dims = l.shape().dims();
+        if dims.last() != Some(&(2 * h)) {
+            candle_core::bail!("gated-silu: last axis {:?} is not 2·{h}", dims.last());
+        }
+        let CpuStorage::F32(v) = s else { candle_core::bail!("gated-silu: f32 only") };
+        let rows = l.shape().elem_count() / (2 * h);
+        let x = &v[l.start_offset()..l.start_offset() + rows * 2 * h];
+        let mut out = vec![0f32; rows * h];
+        let zero = vec![0f32; h];
+        let (b1, b2) = self.b.as_ref().map_or((&zero, &zero), |(a, b)| (a, b));
+        let per_task = (1 << 14) / h + 1;
+        out.par_chunks_mut(per_task * h).zip(x.par_chunks(per_task * 2 * h)).for_each(|(o, x)| {
+            for (o, x) in o.chunks_mut(h).zip(x.chunks(2 * h)) {
+                let (a, g) = x.split_at(h);
+                for ((((o, a), g), b1), b2) in o.iter_mut().zip(a).zip(g).zip(b1).zip(b2) {
+                    *o = (a + b1) * silu_one(g + b2);
+                }
+            }
+        });
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = h;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `(a + b1)·silu(g + b2)` for `x = [a | g]` split in halves on the last axis (the Conformer's
+/// gated feed-forward and GLU), in one pass on the CPU for f32; `biases` are `(b1, b2)`.
+pub fn gated_silu(x: &Tensor, biases: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let h = x.dim(candle_core::D::Minus1)? / 2;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        let (mut a, mut g) = (x.narrow(candle_core::D::Minus1, 0, h)?, x.narrow(candle_core::D::Minus1, h, h)?);
+        if let Some((b1, b2)) = biases {
+            a = a.broadcast_add(b1)?;
+            g = g.broadcast_add(b2)?;
+        }
+        return Ok((a * candle_nn::ops::silu(&g)?)?);
+    }
+    let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+    let b = match biases {
+        Some((b1, b2)) => Some((vec(b1)?, vec(b2)?)),
+        None => None,
+    };
+    Ok(x.contiguous()?.apply_op1_no_bwd(&GatedSilu { half: h, b })?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,6 +213,10 @@ const W_BLOCK_BYTES: usize = 384 << 10;
 /// Bytes of f32 weight rows kept in L2 at once by the AVX-512F f32 GEMM.
 #[cfg(target_arch = "x86_64")]
 const F32_BLOCK_BYTES: usize = 1 << 20;
+/// Packed f32 activations above which [`f32_tile_gemm`] splits the panels over the threads (a
+/// 512-token decoder prefill, 6 MB, keeps the row-block split: it measured 7% slower split).
+#[cfg(target_arch = "x86_64")]
+const X_SPLIT_BYTES: usize = 16 << 20;
 /// Bytes of activation rows (bf16) per panel on the tiled path (stays in L3).
 const X_PANEL_BYTES: usize = 4 << 20;
 
@@ -611,24 +615,25 @@ fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: usize, bias: 
     y
 }
 
-/// The AVX-512F f32 tile over blocks of weights widened (or dequantised) to f32: bf16 weights
-/// in blocks of [`f32gemm::K_BLOCK`] columns whose sums are added into `y` (quantised rows are
-/// dequantised whole, so in one block). With at least two panels of activation rows per
-/// thread, each weight block is widened once (its tiles over the threads) and then the panels
-/// are split over the threads, so the block's rows can fill L2 whatever `out` is (every
-/// activation value read from memory meets up to 512 weight rows); with fewer panels, blocks of
-/// weight rows are split over the threads and each task runs all the panels.
-/// (`cargo bench -p phi4mm --bench kernels -- encoder`: see the README for the figures.)
+/// The AVX-512F f32 tile over blocks of weights widened (or dequantised) to f32. Blocks of whole
+/// weight rows (kept in L2) are split over the threads and each task runs all the panels of
+/// activation rows — unless the packed activations are large (more than [`X_SPLIT_BYTES`], with
+/// at least two panels per thread: the encoders' 4096-row batches): then bf16 weights go in
+/// blocks of [`f32gemm::K_BLOCK`] columns whose sums are added into `y`, each block widened once
+/// (its tiles over the threads), and the panels are split over the threads, so a block's rows
+/// fill L2 whatever the width (every activation value read meets up to 512 weight rows instead
+/// of `fc2`'s 60). Measured in the README (`cargo bench -p phi4mm --bench kernels -- encoder`).
 #[cfg(target_arch = "x86_64")]
 fn f32_tile_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, bias: Option<&[f32]>, y: &mut [f32], out: usize) {
     let xp = f32gemm::pack(x, n, k);
-    let k_block = match w {
-        Source::Bf16(_) => f32gemm::K_BLOCK.min(k.max(1)),
-        Source::Quant(_) => k.max(1),
-    };
     let ptr = SharedOut(y.as_mut_ptr());
     let panels = n.div_ceil(f32gemm::XR);
     let threads = rayon::current_num_threads().max(1);
+    let split = panels >= 2 * threads && 4 * n * k > X_SPLIT_BYTES;
+    let k_block = match w {
+        Source::Bf16(_) if split => f32gemm::K_BLOCK.min(k.max(1)),
+        _ => k.max(1),
+    };
     let by_cache = (F32_BLOCK_BYTES / (4 * k_block)).max(f32gemm::WR) / f32gemm::WR * f32gemm::WR;
     // One block of weights times the panels `ps` (this task alone writes their rows of
     // columns first..first+rows of y).
@@ -644,7 +649,7 @@ fn f32_tile_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, bias: Option<&[f3
             f32gemm::gemm(&xp[x0 * k..], n0 - x0, k, (k0, kc), wf, rows, b, o, acc);
         }
     };
-    if panels >= 2 * threads {
+    if split {
         let mut wf = vec![0f32; by_cache.min(out) * k_block];
         for first in (0..out).step_by(by_cache) {
             let rows = by_cache.min(out - first);
