@@ -139,19 +139,7 @@ impl Job<'_> {
                 });
                 softmax_columns(st, n, self.mask.map(|m| &m[g * n..(g + 1) * n]));
                 // p·v over chunks of keys, summed chunk by chunk (shorter f32 sums).
-                for k0 in (0..n).step_by(KEY_CHUNK) {
-                    let o = oacc.as_mut_ptr();
-                    f32gemm::tiles(st.as_ptr().add(k0 * XR), vp.as_ptr(), n, k0, KEY_CHUNK.min(n - k0), d, |c, a0, a1| {
-                        let (p0, p1) = (o.add(c * XR), o.add(c * XR + 16));
-                        if k0 > 0 {
-                            _mm512_storeu_ps(p0, _mm512_add_ps(_mm512_loadu_ps(p0), a0));
-                            _mm512_storeu_ps(p1, _mm512_add_ps(_mm512_loadu_ps(p1), a1));
-                        } else {
-                            _mm512_storeu_ps(p0, a0);
-                            _mm512_storeu_ps(p1, a1);
-                        }
-                    });
-                }
+                f32gemm::sums(st.as_ptr(), vp.as_ptr(), n, d, KEY_CHUNK, oacc.as_mut_ptr());
                 for (c, acc) in oacc.chunks_exact(XR).enumerate() {
                     for (i, &v) in acc.iter().take(valid).enumerate() {
                         *out.add((g * n + q0 + i) * self.h + qo + c) = v;

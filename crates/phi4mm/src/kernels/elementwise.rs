@@ -89,22 +89,25 @@ pub(crate) fn map_chunks<A: Copy + Sync, B: Copy + Default + Send>(x: &[A], f: i
     out
 }
 
-struct GeluTanh;
+/// An element-wise f32 function as a candle op (f32, or bf16 computed in f32).
+struct Unary {
+    name: &'static str,
+    f: fn(f32) -> f32,
+}
 
-impl CustomOp1 for GeluTanh {
+impl CustomOp1 for Unary {
     fn name(&self) -> &'static str {
-        "gelu-tanh"
+        self.name
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let n = l.shape().elem_count();
         let off = l.start_offset();
+        let f = self.f;
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(map_chunks(&v[off..off + n], gelu_tanh_one)),
-            CpuStorage::BF16(v) => {
-                CpuStorage::BF16(map_chunks(&v[off..off + n], |x| bf16::from_f32(gelu_tanh_one(x.to_f32()))))
-            }
-            _ => candle_core::bail!("gelu-tanh: f32 or bf16 only"),
+            CpuStorage::F32(v) => CpuStorage::F32(map_chunks(&v[off..off + n], f)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(map_chunks(&v[off..off + n], |x| bf16::from_f32(f(x.to_f32())))),
+            _ => candle_core::bail!("{}: f32 or bf16 only", self.name),
         };
         Ok((out, l.shape().clone()))
     }
@@ -172,7 +175,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::BF16) {
         return Ok(x.gelu()?);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&GeluTanh)?)
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Unary { name: "gelu-tanh", f: gelu_tanh_one })?)
 }
 
 /// `x·σ(x)` (PyTorch `silu`), with the polynomial [`exp`].
@@ -181,26 +184,12 @@ fn silu_one(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-struct Silu;
-
-impl CustomOp1 for Silu {
-    fn name(&self) -> &'static str {
-        "silu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = l.shape().elem_count();
-        let CpuStorage::F32(v) = s else { candle_core::bail!("silu: f32 only") };
-        Ok((CpuStorage::F32(map_chunks(&v[l.start_offset()..l.start_offset() + n], silu_one)), l.shape().clone()))
-    }
-}
-
 /// `x·σ(x)` on the CPU for f32 with the polynomial [`exp`], anything else through candle.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(candle_nn::ops::silu(x)?);
     }
-    Ok(x.contiguous()?.apply_op1_no_bwd(&Silu)?)
+    Ok(x.contiguous()?.apply_op1_no_bwd(&Unary { name: "silu", f: silu_one })?)
 }
 
 struct GatedSilu {
@@ -296,6 +285,20 @@ mod tests {
         let want: Vec<f32> = candle_nn::ops::softmax_last_dim(&s)?.flatten_all()?.to_vec1()?;
         for (a, b) in ours.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-6, "softmax {a} vs {b}");
+        }
+        let g = (Tensor::randn(0f32, 3.0, (3, 5, 2 * 21), &Device::Cpu)? - 0.5)?;
+        let (b1, b2) = (Tensor::randn(0f32, 1.0, 21, &Device::Cpu)?, Tensor::randn(0f32, 1.0, 21, &Device::Cpu)?);
+        let (a, h) = (g.narrow(2, 0, 21)?, g.narrow(2, 21, 21)?);
+        for (ours, want) in [
+            (gated_silu(&g, None)?, (&a * candle_nn::ops::silu(&h)?)?),
+            (gated_silu(&g, Some((&b1, &b2)))?, (a.broadcast_add(&b1)? * candle_nn::ops::silu(&h.broadcast_add(&b2)?)?)?),
+            (silu(&g)?, candle_nn::ops::silu(&g)?),
+        ] {
+            assert_eq!(ours.dims(), want.dims());
+            let (o, w): (Vec<f32>, Vec<f32>) = (ours.flatten_all()?.to_vec1()?, want.flatten_all()?.to_vec1()?);
+            for (a, b) in o.iter().zip(&w) {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "silu {a} vs {b}");
+            }
         }
         let x = Tensor::arange(-600i64, 600, &Device::Cpu)?.to_dtype(DType::F32)?;
         let x = (x * 0.01)?;

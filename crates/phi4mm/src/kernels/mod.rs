@@ -11,8 +11,9 @@
 //!   through the int8 `vpdpbusd` GEMM against int8-quantised activations ([`qgemm`]) with
 //!   AVX-512 VNNI; otherwise blocks of weight rows are kept in L2 (dequantised to bf16 first
 //!   for quantised weights) and multiplied by a 4×4 `vdpbf16ps` register tile over panels of
-//!   activation rows; without AVX-512 BF16, or for f32 activations, the block is widened to f32
-//!   and multiplied with an f32 GEMM.
+//!   activation rows; without AVX-512 BF16, or for f32 activations (the encoders), the block is
+//!   widened to f32 and multiplied with an f32 GEMM ([`f32gemm`], blocking in `f32_tile_gemm`);
+//! * the encoders' self-attention: [`attention`].
 //!
 //! Accumulation is in f32, as PyTorch's CPU bf16 matmul does; a bf16 input gives a bf16
 //! output. Other dtypes and devices use the backend's own matmul. Threads come from rayon's
@@ -201,6 +202,11 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &Bf16Linear { bias: Some(bias) })?)
 }
 
+/// Whether prefill with bf16 activations has the AVX-512 BF16 `vdpbf16ps` tile on this CPU.
+pub fn bf16_tile_available() -> bool {
+    bf16dot::available()
+}
+
 /// Whether [`linear`] runs on this module's CPU kernels (bf16 weight, f32 or bf16 input).
 fn fast_linear(x: &Tensor, w: &Tensor) -> bool {
     w.dtype() == DType::BF16 && x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F32)
@@ -277,35 +283,35 @@ impl Source<'_> {
         }
     }
 
-    /// Columns `k0..k0+kc` of rows `first..first+rows` as f32 into `out` (`rows·kc` values)
-    /// in the f32 tile's weight layout ([`f32gemm::weight_index`]), tiles over the threads.
-    /// Quantised rows are dequantised whole, so they are read with `kc = k`.
+    /// Tile `t` (rows `t·WR..`) of columns `k0..k0+kc` of the block of rows
+    /// `first..first+rows`, as f32 into `dst` (that tile's part of the f32 tile's weight layout,
+    /// [`f32gemm::weight_index`]); `row` is scratch. Quantised rows are dequantised whole, so
+    /// they are read with `kc = k`.
     #[cfg(target_arch = "x86_64")]
-    fn f32_tiles_into(&self, first: usize, rows: usize, k: usize, (k0, kc): (usize, usize), out: &mut [f32]) {
-        let tile = f32gemm::WR * kc;
-        out.par_chunks_mut(tile.max(1)).enumerate().for_each(|(t, dst)| {
-            let mut row = vec![0f32; k];
-            for r in t * f32gemm::WR..(rows.min((t + 1) * f32gemm::WR)) {
-                let vals: &[f32] = match self {
-                    Source::Bf16(w) => {
-                        let src = &w[(first + r) * k + k0..(first + r) * k + k0 + kc];
-                        for (o, v) in row.iter_mut().zip(src) {
-                            *o = v.to_f32();
-                        }
-                        &row[..kc]
+    #[allow(clippy::too_many_arguments)]
+    fn f32_tile_into(&self, first: usize, rows: usize, k: usize, (k0, kc): (usize, usize), t: usize, dst: &mut [f32], row: &mut Vec<f32>) {
+        let r0 = t * f32gemm::WR;
+        let m = f32gemm::WR.min(rows - r0);
+        // Column by column of the tile: contiguous stores, m sequential reads.
+        match self {
+            Source::Bf16(w) => {
+                let srcs: Vec<&[bf16]> = (0..m).map(|jj| &w[(first + r0 + jj) * k + k0..][..kc]).collect();
+                // SAFETY: the caller runs this only with AVX-512F; m ≤ WR ≤ 16 sources of kc
+                // values; dst holds this tile's m·kc values.
+                unsafe { f32gemm::interleave_bf16(&srcs, kc, &mut dst[..m * kc]) };
+            }
+            Source::Quant(q) => {
+                row.resize(m * k, 0.0);
+                for (jj, r) in row.chunks_exact_mut(k).enumerate() {
+                    q.dequantize_row(first + r0 + jj, r);
+                }
+                for (p, col) in dst.chunks_exact_mut(m).take(kc).enumerate() {
+                    for (jj, d) in col.iter_mut().enumerate() {
+                        *d = row[jj * k + k0 + p];
                     }
-                    Source::Quant(q) => {
-                        q.dequantize_row(first + r, &mut row);
-                        &row[k0..k0 + kc]
-                    }
-                };
-                let base = f32gemm::weight_index(r, 0, rows, kc) - t * tile;
-                let step = f32gemm::weight_index(r, 1, rows, kc) - f32gemm::weight_index(r, 0, rows, kc);
-                for (p, &v) in vals.iter().enumerate() {
-                    dst[base + p * step] = v;
                 }
             }
-        });
+        }
     }
 
     /// Rows `first..first+rows` as f32 into `out` (resized to `rows·k`).
@@ -430,10 +436,6 @@ fn product(x: &Input<'_>, n: usize, k: usize, w: Source<'_>, out: usize, bias: O
             (_, Source::Quant(q)) if qgemm::takes(q) => quant_gemm(&x.f32(), n, q),
             #[cfg(target_arch = "x86_64")]
             (Input::Bf16(xb), _) if tiled => tiled_gemm(xb, n, k, w, out),
-            #[cfg(target_arch = "x86_64")]
-            (Input::F32(xf), _) if tiled => {
-                tiled_gemm(&elementwise::map_chunks(xf, round_bf16), n, k, w, out)
-            }
             _ => return blocked_gemm(&x.f32(), n, k, w, out, bias),
         }
     };
@@ -656,7 +658,10 @@ fn f32_tile_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, bias: Option<&[f3
             for k0 in (0..k).step_by(k_block) {
                 let kc = k_block.min(k - k0);
                 let wf = &mut wf[..rows * kc];
-                w.f32_tiles_into(first, rows, k, (k0, kc), wf);
+                // The block's tiles widened over the threads.
+                wf.par_chunks_mut(f32gemm::WR * kc).enumerate().for_each(|(t, dst)| {
+                    ROW.with_borrow_mut(|row| w.f32_tile_into(first, rows, k, (k0, kc), t, dst, row))
+                });
                 let wf = &*wf;
                 (0..panels).into_par_iter().for_each(|p| ACC.with_borrow_mut(|acc| run(wf, first, rows, (k0, kc), p..p + 1, acc)));
             }
@@ -672,7 +677,11 @@ fn f32_tile_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, bias: Option<&[f3
             ACC.with_borrow_mut(|acc| {
                 for k0 in (0..k).step_by(k_block) {
                     let kc = k_block.min(k - k0);
-                    w.f32_tiles_into(first, rows, k, (k0, kc), &mut wf[..rows * kc]);
+                    ROW.with_borrow_mut(|row| {
+                        for (t, dst) in wf[..rows * kc].chunks_mut(f32gemm::WR * kc).enumerate() {
+                            w.f32_tile_into(first, rows, k, (k0, kc), t, dst, row);
+                        }
+                    });
                     run(&wf[..rows * kc], first, rows, (k0, kc), 0..panels, acc);
                 }
             })
@@ -687,6 +696,8 @@ thread_local! {
     /// A weight block widened to f32, kept per thread from block to block (a fresh one per
     /// block was page-faulted in every time: 8% of a bf16 prefill's CPU time).
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One weight row widened or dequantised on its way into the tile layout.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `x · w` with `w` in bf16, picking the widest SIMD the CPU has.
@@ -756,7 +767,8 @@ mod tests {
     #[test]
     fn matches_f32_matmul_on_both_paths() -> crate::error::Result<()> {
         let dev = Device::Cpu;
-        for (n, k, out) in [(1, 100, 37), (3, 64, 129), (9, 300, 70), (130, 77, 200), (600, 40, 70)] {
+        // The last shape packs to more than 16 MB: the f32 tile's split path, 512-column blocks.
+        for (n, k, out) in [(1, 100, 37), (3, 64, 129), (9, 300, 70), (130, 77, 200), (600, 40, 70), (4200, 1100, 30)] {
             let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (out, k), &dev)?.to_dtype(DType::BF16)?;
             let got: Vec<f32> = linear(&x, &w)?.flatten_all()?.to_vec1()?;
@@ -769,6 +781,28 @@ mod tests {
             let yb = linear(&xb, &w)?;
             assert_eq!(yb.dtype(), DType::BF16);
             assert_eq!(yb.dims(), &[n, out]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bias_is_added_on_every_path() -> crate::error::Result<()> {
+        let dev = Device::Cpu;
+        // Dot-product rows, the f32 tile (or gemm crate), and more than 16 MB of activations
+        // (the f32 tile's split path with its 512-column blocks).
+        for (n, k, out) in [(2, 96, 40), (70, 300, 53), (4200, 1100, 30)] {
+            let x = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (out, k), &dev)?.to_dtype(DType::BF16)?;
+            let b = Tensor::randn(0f32, 1.0, out, &dev)?;
+            for x in [x.clone(), x.to_dtype(DType::BF16)?] {
+                let got: Vec<f32> = linear_bias(&x, &w, &b)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let want: Vec<f32> =
+                    linear(&x, &w)?.to_dtype(DType::F32)?.broadcast_add(&b)?.flatten_all()?.to_vec1()?;
+                let tol = if x.dtype() == DType::BF16 { 1e-2 } else { 1e-4 };
+                for (a, e) in got.iter().zip(&want) {
+                    assert!((a - e).abs() <= tol * (1.0 + e.abs()), "n={n} k={k} out={out} {:?}: {a} vs {e}", x.dtype());
+                }
+            }
         }
         Ok(())
     }
