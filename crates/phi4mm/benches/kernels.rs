@@ -13,8 +13,9 @@
 //!   positions (24 query heads, 8 KV heads, head_dim 128): f32, bf16 and 8-bit caches;
 //! * `encoder/…`: the SigLIP tower's work for a batch of 4 crops (4096 rows, f32 activations,
 //!   bf16 weights): `fc1` (1152 → 4304, bias added as stored), `fc2` (4304 → 1152) and the
-//!   self-attention kernel (16 heads of 72 over 1024 patches per crop), in multiply-adds per
-//!   second.
+//!   self-attention kernel (16 heads of 72 over 1024 patches per crop), and the Conformer's
+//!   feed-forward for one 30 s window (375 frames: `ff_up` 1024 → 3072, `ff_down` 1536 → 1024),
+//!   in multiply-adds per second.
 
 use std::sync::Arc;
 
@@ -114,10 +115,10 @@ fn attention(c: &mut Criterion) {
 }
 
 fn encoder(c: &mut Criterion) {
-    let n = 4096;
     let mut g = c.benchmark_group("encoder");
     g.sample_size(10);
-    for (name, out, k) in [("fc1", 4304, 1152), ("fc2", 1152, 4304)] {
+    // SigLIP's MLP at 4 crops; the Conformer's feed-forward at one 30 s window (375 frames).
+    for (name, n, out, k) in [("fc1", 4096, 4304, 1152), ("fc2", 4096, 1152, 4304), ("ff_up", 375, 3072, 1024), ("ff_down", 375, 1024, 1536)] {
         let (Ok(w), Ok(b), Ok(x)) = (
             Tensor::randn(0f32, 0.02, (out, k), &Device::Cpu).and_then(|t| t.to_dtype(DType::BF16)),
             Tensor::randn(0f32, 0.02, out, &Device::Cpu),
