@@ -134,7 +134,7 @@ fn encoder(c: &mut Criterion) {
         let Ok(qkv) = Tensor::randn(0f32, 1.0, (groups * p, 3 * heads * d), &Device::Cpu) else { return };
         g.throughput(Throughput::Elements((groups * heads * 2 * p * p * d) as u64));
         g.bench_function("attention/4x1024x16x72", |bch| {
-            bch.iter(|| phi4mm::kernels::attention::self_attention(&qkv, groups, heads, 0.118, None).ok())
+            bch.iter(|| phi4mm::kernels::attention::self_attention(&qkv, groups, heads, 0.118, &Default::default()).ok())
         });
     }
     g.finish();

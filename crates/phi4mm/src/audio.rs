@@ -9,9 +9,11 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::audio_features::{LogMel, N_MELS};
+use crate::audio_subsample::Subsampling;
 use crate::encoder_config::AudioConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels;
+use crate::kernels::attention::ScoreTerms;
 use crate::layers::{LayerNorm, Linear, Projector as MlpProjector};
 use crate::weights::{Scope, Weights};
 
@@ -60,30 +62,56 @@ impl FeedForward {
 /// Multi-head self-attention with the shared relative bias.
 #[derive(Debug, Clone)]
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v as one product (`[3d, d]`).
+    qkv: Linear,
     out: Linear,
     heads: usize,
 }
 
+/// A batch of windows' additive attention terms, in the form its attention path takes.
+enum WindowBias {
+    /// The CPU kernel's: the key mask and the relative bias per head and offset.
+    Terms(ScoreTerms),
+    /// `[nw or 1, heads, t, t]` with the mask folded in as −∞ (the backend's matmul path).
+    Dense(Tensor),
+}
+
 impl Attention {
-    /// `x` `[w, t, d]`, `bias` `[1, heads, t, t]` (mask already folded in as −∞).
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn load(s: &Scope, d: usize, heads: usize, dtype: DType) -> Result<Self> {
+        let [q, k, v] = ["linear_q", "linear_k", "linear_v"].map(|n| Linear::load(&s.pp(n), d, d, dtype));
+        let (q, k, v) = (q?, k?, v?);
+        Ok(Attention {
+            qkv: Linear { w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)? },
+            out: Linear::load(&s.pp("linear_out"), d, d, dtype)?,
+            heads,
+        })
+    }
+
+    /// `x` `[w, t, d]` → `[w, t, d]`.
+    fn forward(&self, x: &Tensor, bias: &WindowBias) -> Result<Tensor> {
         let (w, t, d) = x.dims3()?;
-        let dk = d / self.heads;
-        let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((w, t, self.heads, dk))?.transpose(1, 2)?.contiguous()?)
+        let scale = 1.0 / ((d / self.heads) as f64).sqrt();
+        let qkv = self.qkv.forward(&x.reshape((w * t, d))?)?; // [w·t, 3d]
+        let ctx = match bias {
+            WindowBias::Terms(terms) => kernels::attention::self_attention(&qkv, w, self.heads, scale as f32, terms)?,
+            WindowBias::Dense(bias) => self.portable(&qkv, w, t, scale, bias)?,
         };
-        let q = (split(self.q.forward(x)?)? * (1.0 / (dk as f64).sqrt()))?;
-        let k = split(self.k.forward(x)?)?;
-        let v = split(self.v.forward(x)?)?;
+        Ok(self.out.forward(&ctx)?.reshape((w, t, d))?)
+    }
+
+    /// Through the backend's matmul and softmax: `qkv` `[w·t, 3d]` → `[w·t, d]`.
+    fn portable(&self, qkv: &Tensor, w: usize, t: usize, scale: f64, bias: &Tensor) -> Result<Tensor> {
+        let d = qkv.dim(1)? / 3;
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(1, i * d, d)?.reshape((w, t, self.heads, d / self.heads))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = (split(0)? * scale)?;
+        let (k, v) = (split(1)?, split(2)?);
         let scores = q.matmul(&k.t()?)?.broadcast_add(&bias.to_dtype(q.dtype())?)?; // [w, h, t, t]
         let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
-        // Fully masked rows (none in practice) give NaN; the original zeroes masked weights.
-        let probs = probs.eq(&probs)?.where_cond(&probs, &probs.zeros_like()?)?.to_dtype(x.dtype())?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((w, t, d))?;
-        self.out.forward(&ctx)
+        // Fully masked rows give NaN; the original zeroes masked weights.
+        let probs = probs.eq(&probs)?.where_cond(&probs, &probs.zeros_like()?)?.to_dtype(qkv.dtype())?;
+        Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((w * t, d))?)
     }
 }
 
@@ -164,152 +192,22 @@ struct Block {
 impl Block {
     fn load(s: &Scope, c: &AudioConfig, dtype: DType, act: DType) -> Result<Self> {
         let d = c.hidden_size;
-        let a = s.pp("self_attn");
         Ok(Block {
             ff_in: FeedForward::load(&s.pp("feed_forward_in"), c, dtype, act)?,
             norm_att: LayerNorm::load(&s.pp("layer_norm_att"), d, EPS, act)?,
-            attn: Attention {
-                q: Linear::load(&a.pp("linear_q"), d, d, dtype)?,
-                k: Linear::load(&a.pp("linear_k"), d, d, dtype)?,
-                v: Linear::load(&a.pp("linear_v"), d, d, dtype)?,
-                out: Linear::load(&a.pp("linear_out"), d, d, dtype)?,
-                heads: c.num_attention_heads,
-            },
+            attn: Attention::load(&s.pp("self_attn"), d, c.num_attention_heads, dtype)?,
             conv: ConvModule::load(&s.pp("conv"), c, dtype, act)?,
             ff_out: FeedForward::load(&s.pp("feed_forward_out"), c, dtype, act)?,
             norm: LayerNorm::load(&s.pp("layer_norm"), d, EPS, act)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, bias: &WindowBias) -> Result<Tensor> {
         let x = (x + (self.ff_in.forward(x)? * 0.5)?)?;
         let x = (&x + self.attn.forward(&self.norm_att.forward(&x)?, bias)?)?;
         let x = (&x + self.conv.forward(&x)?)?;
         let x = (&x + (self.ff_out.forward(&x)? * 0.5)?)?;
         self.norm.forward(&x)
-    }
-}
-
-/// The NeMo ×8 subsampling, computed on the CPU in f32 (channel-last).
-#[derive(Debug, Clone)]
-struct Subsampling {
-    conv0_w: Vec<f32>, // [c, 3, 3]
-    conv0_b: Vec<f32>,
-    dw1_w: Vec<f32>,
-    dw1_b: Vec<f32>,
-    pw1: Linear,
-    dw2_w: Vec<f32>,
-    dw2_b: Vec<f32>,
-    pw2: Linear,
-    out: Linear,
-    channels: usize,
-}
-
-impl Subsampling {
-    fn load(s: &Scope, c: &AudioConfig, dtype: DType) -> Result<Self> {
-        let ch = c.nemo_conv_channels;
-        let v = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            Ok(s.get(name, shape, DType::F32)?.flatten_all()?.to_vec1()?)
-        };
-        let pw = |i: usize| Linear::load_pointwise(&s.pp(format!("conv.{i}")), ch, ch, 4, dtype);
-        let f_out = N_MELS.div_ceil(8);
-        Ok(Subsampling {
-            conv0_w: v("conv.0.weight", &[ch, 1, 3, 3])?,
-            conv0_b: v("conv.0.bias", &[ch])?,
-            dw1_w: v("conv.2.weight", &[ch, 1, 3, 3])?,
-            dw1_b: v("conv.2.bias", &[ch])?,
-            pw1: pw(3)?,
-            dw2_w: v("conv.5.weight", &[ch, 1, 3, 3])?,
-            dw2_b: v("conv.5.bias", &[ch])?,
-            pw2: pw(6)?,
-            out: Linear::load(&s.pp("out"), ch * f_out, c.hidden_size, dtype)?,
-            channels: ch,
-        })
-    }
-
-    /// Output frames `k0..k1` of the subsampled sequence `[k1−k0, hidden]` from normalised
-    /// features `[t, 80]`. Each output frame sees input frames `8k−7..=8k+7`, so a slice with a
-    /// margin of 16 input frames on each side gives exact results.
-    fn forward_range(&self, feats: &[f32], t: usize, k0: usize, k1: usize, device: &Device, act: DType) -> Result<Tensor> {
-        let ch = self.channels;
-        let start = (8 * k0).saturating_sub(16);
-        let end = (8 * k1 + 16).min(t);
-        let n = end - start;
-        // Stage 1: Conv2d(1 → ch, 3×3, stride 2, pad 1) + ReLU. Layout [h, w, ch].
-        let (h1, w1) = (n.div_ceil(2), N_MELS.div_ceil(2));
-        let mut a = vec![0f32; h1 * w1 * ch];
-        for y in 0..h1 {
-            for x in 0..w1 {
-                let o = &mut a[(y * w1 + x) * ch..(y * w1 + x + 1) * ch];
-                o.copy_from_slice(&self.conv0_b);
-                for ky in 0..3 {
-                    let Some(iy) = (2 * y + ky).checked_sub(1).filter(|&v| v < n) else { continue };
-                    for kx in 0..3 {
-                        let Some(ix) = (2 * x + kx).checked_sub(1).filter(|&v| v < N_MELS) else { continue };
-                        let v = feats[(start + iy) * N_MELS + ix];
-                        for c in 0..ch {
-                            o[c] += self.conv0_w[c * 9 + ky * 3 + kx] * v;
-                        }
-                    }
-                }
-                o.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
-        }
-        let (a, h2, w2) = self.dw_pw(&a, h1, w1, &self.dw1_w, &self.dw1_b, &self.pw1, device, act)?;
-        let (a, h3, w3) = self.dw_pw(&a, h2, w2, &self.dw2_w, &self.dw2_b, &self.pw2, device, act)?;
-        // [t', f, ch] → channel-major rows [t', ch·f] → Linear.
-        let skip = k0 - start / 8;
-        let rows = k1 - k0;
-        if skip + rows > h3 {
-            return Err(Error::Media("audio subsampling range out of bounds".into()));
-        }
-        let mut flat = vec![0f32; rows * ch * w3];
-        for r in 0..rows {
-            for f in 0..w3 {
-                for c in 0..ch {
-                    flat[r * ch * w3 + c * w3 + f] = a[((skip + r) * w3 + f) * ch + c];
-                }
-            }
-        }
-        let flat = Tensor::from_vec(flat, (rows, ch * w3), device)?.to_dtype(act)?;
-        self.out.forward(&flat)
-    }
-
-    /// Depthwise 3×3 stride-2 conv (pad 1), then pointwise conv, then ReLU.
-    #[allow(clippy::too_many_arguments)]
-    fn dw_pw(
-        &self,
-        x: &[f32],
-        h: usize,
-        w: usize,
-        dw: &[f32],
-        db: &[f32],
-        pw: &Linear,
-        device: &Device,
-        act: DType,
-    ) -> Result<(Vec<f32>, usize, usize)> {
-        let ch = self.channels;
-        let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
-        let mut o = vec![0f32; ho * wo * ch];
-        for y in 0..ho {
-            for xx in 0..wo {
-                let out = &mut o[(y * wo + xx) * ch..(y * wo + xx + 1) * ch];
-                out.copy_from_slice(db);
-                for ky in 0..3 {
-                    let Some(iy) = (2 * y + ky).checked_sub(1).filter(|&v| v < h) else { continue };
-                    for kx in 0..3 {
-                        let Some(ix) = (2 * xx + kx).checked_sub(1).filter(|&v| v < w) else { continue };
-                        let src = &x[(iy * w + ix) * ch..(iy * w + ix + 1) * ch];
-                        for c in 0..ch {
-                            out[c] += dw[c * 9 + ky * 3 + kx] * src[c];
-                        }
-                    }
-                }
-            }
-        }
-        let t = Tensor::from_vec(o, (ho * wo, ch), device)?;
-        let y = pw.forward(&t.to_dtype(act)?)?.relu()?;
-        Ok((y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, ho, wo))
     }
 }
 
@@ -442,27 +340,29 @@ impl AudioEncoder {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
-    /// T5 relative bias `[nw or 1, heads, t, t]` with −∞ on masked keys.
-    fn bias(&self, t: usize, mask: Option<&[f32]>, nw: usize) -> Result<Tensor> {
+    /// The T5 relative bias (`table[clamp(j − i, −md, md−1) + md]` for query i, key j), with
+    /// −∞ on masked keys, for windows of `t` frames.
+    fn bias(&self, t: usize, mask: Option<&[f32]>, nw: usize) -> Result<WindowBias> {
         let h = self.heads;
         let md = self.max_dist as i64;
+        let at = |head: usize, j_minus_i: i64| self.bias_table[(j_minus_i.clamp(-md, md - 1) + md) as usize * h + head];
+        if self.device.is_cpu() && self.act == DType::F32 && kernels::attention::available() {
+            let relative = kernels::attention::relative(t, h, |head, i_minus_j| at(head, -(i_minus_j as i64)));
+            return Ok(WindowBias::Terms(ScoreTerms { keys: mask.map(Into::into), relative: Some(relative) }));
+        }
         let mut b = vec![0f32; h * t * t];
         for i in 0..t {
             for j in 0..t {
-                let r = (j as i64 - i as i64).clamp(-md, md - 1) + md;
                 for hh in 0..h {
-                    b[(hh * t + i) * t + j] = self.bias_table[r as usize * h + hh];
+                    b[(hh * t + i) * t + j] = at(hh, j as i64 - i as i64);
                 }
             }
         }
         let bias = Tensor::from_vec(b, (1, h, t, t), &self.device)?;
-        match mask {
-            None => Ok(bias),
-            Some(m) => {
-                let m = Tensor::from_vec(m.to_vec(), (nw, 1, 1, t), &self.device)?;
-                Ok(bias.broadcast_add(&m)?)
-            }
-        }
+        Ok(WindowBias::Dense(match mask {
+            None => bias,
+            Some(m) => bias.broadcast_add(&Tensor::from_vec(m.to_vec(), (nw, 1, 1, t), &self.device)?)?,
+        }))
     }
 
     /// Projects encoder output `[n, hidden]` into the decoder width.

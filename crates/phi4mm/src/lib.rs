@@ -8,6 +8,7 @@
 pub mod audio;
 pub mod audio_features;
 pub mod audio_io;
+mod audio_subsample;
 pub mod config;
 pub mod decoder;
 pub mod detok;

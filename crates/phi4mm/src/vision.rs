@@ -10,6 +10,7 @@ use crate::encoder_config::VisionConfig;
 use crate::error::{Error, Result};
 use crate::image_prep::{PreparedImage, CROP, GRID, PATCH};
 use crate::kernels;
+use crate::kernels::attention::ScoreTerms;
 use crate::layers::{LayerNorm, Linear, Projector};
 use crate::weights::{Scope, Weights};
 
@@ -51,16 +52,16 @@ impl EncoderLayer {
         })
     }
 
-    /// `x` `[b, p, h]`; `mask` `[b·p]` additive key mask (0 or −∞) or none.
-    fn forward(&self, x: &Tensor, mask: Option<&[f32]>) -> Result<Tensor> {
+    /// `x` `[b, p, h]`; `terms.keys` `[b·p]` additive key mask (0 or −∞) or none.
+    fn forward(&self, x: &Tensor, terms: &ScoreTerms) -> Result<Tensor> {
         let (b, p, h) = x.dims3()?;
         let d = h / self.heads;
         let scale = 1.0 / (d as f64).sqrt();
         let qkv = self.qkv.forward(&self.layer_norm1.forward(x)?.reshape((b * p, h))?)?; // [b·p, 3h]
         let attn = if x.device().is_cpu() && x.dtype() == DType::F32 && kernels::attention::available() {
-            kernels::attention::self_attention(&qkv, b, self.heads, scale as f32, mask.map(<[f32]>::to_vec))?
+            kernels::attention::self_attention(&qkv, b, self.heads, scale as f32, terms)?
         } else {
-            self.attention_portable(&qkv, b, p, mask)?
+            self.attention_portable(&qkv, b, p, terms.keys.as_deref())?
         };
         let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
         let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
@@ -207,11 +208,11 @@ impl VisionEncoder {
         let (pos, any_pad) = position_ids(masks, b);
         let pos = Tensor::from_vec(pos, b * p, &self.device)?;
         let x = (x + self.pos_table.index_select(&pos, 0)?)?.reshape((b, p, self.hidden))?;
-        let mask: Option<Vec<f32>> =
-            any_pad.then(|| masks.iter().map(|&v| if v == 1 { 0.0 } else { f32::NEG_INFINITY }).collect());
+        let keys = any_pad.then(|| masks.iter().map(|&v| if v == 1 { 0.0 } else { f32::NEG_INFINITY }).collect());
+        let terms = ScoreTerms { keys, relative: None };
         let mut x = x;
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_deref())?;
+            x = layer.forward(&x, &terms)?;
         }
         Ok(x)
     }

@@ -1,17 +1,23 @@
 //! Encoder self-attention over whole groups of rows (SigLIP: one crop's 1024 patches attend to
-//! each other), `softmax(q·kᵀ·scale + mask)·v` per head, on the f32 register tile of
-//! [`f32gemm`] with AVX-512F.
+//! each other; the Conformer: one window's frames), `softmax(q·kᵀ·scale + terms)·v` per head,
+//! on the f32 register tile of [`f32gemm`] with AVX-512F. The additive terms ([`ScoreTerms`]):
+//! a value per key (padding masks, 0 or −∞) and a value per head and query−key offset (the
+//! Conformer's T5 relative bias), so no `[heads, n, n]` bias tensor is read per layer.
 //!
 //! Per (group, head) task, 32 queries at a time (one packed panel): the scores come out of the
-//! tile transposed, `sᵀ [keys, 32]`, as two vector stores per key, so the softmax over keys is
-//! vertical (lane-wise max, exp, sum; no horizontal reductions) and `sᵀ` is already the packed
-//! panel layout the tile takes as its left operand for `p·v` (the values as `d` weight rows
-//! over the keys; keys and values put in the tile's weight layout once per task). The panel's scores (32 × keys f32: 128 KB for a crop) stay
-//! in L2; the whole score matrix is never formed. Measured on a 2-crop image (SigLIP, Intel,
-//! 2 threads): see the README.
+//! tile transposed, `sᵀ [keys, 32]`, as two vector stores per key (the terms added as they are
+//! stored), so the softmax over keys is vertical (lane-wise max, exp, sum; no horizontal
+//! reductions) and `sᵀ` is already the packed panel layout the tile takes as its left operand
+//! for `p·v` (the values as `d` weight rows over the keys; keys and values put in the tile's
+//! weight layout once per task). The panel's scores (32 × keys f32: 128 KB for a crop) stay
+//! in L2; the whole score matrix is never formed. A query whose keys are all masked gets zero
+//! probabilities (the Conformer reference zeroes masked weights after the softmax). Measured on
+//! a 2-crop image and 30 s of speech (Intel, 2 threads): see the README.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -24,12 +30,41 @@ pub fn available() -> bool {
     f32gemm::available()
 }
 
+/// Terms added to the scaled scores before the softmax.
+#[derive(Debug, Clone, Default)]
+pub struct ScoreTerms {
+    /// `[groups, n]`: added to every query's score for key `j` of each group (0 or −∞).
+    pub keys: Option<Arc<[f32]>>,
+    /// `[heads, relative_len(n)]` from [`relative`]: a term per head and query−key offset.
+    pub relative: Option<Arc<[f32]>>,
+}
+
+/// Values per head in a [`relative`] table for groups of `n` rows: offsets `i − j` from
+/// `−(n−1)` to `n−1`, then a panel's width of zeros (the last panel's rows past `n` read there).
+pub fn relative_len(n: usize) -> usize {
+    2 * n + XR
+}
+
+/// The relative terms `f(head, i − j)` for query `i`, key `j` of groups of `n` rows, laid out
+/// for [`ScoreTerms::relative`]: per head, value `u` is offset `u − (n−1)`, so one key's terms
+/// for 16 consecutive queries are 16 consecutive values.
+pub fn relative(n: usize, heads: usize, f: impl Fn(usize, isize) -> f32) -> Arc<[f32]> {
+    let len = relative_len(n);
+    let mut t = vec![0f32; heads * len];
+    for (h, row) in t.chunks_exact_mut(len).enumerate() {
+        for (u, v) in row[..(2 * n).saturating_sub(1)].iter_mut().enumerate() {
+            *v = f(h, u as isize - (n as isize - 1));
+        }
+    }
+    t.into()
+}
+
 /// Multi-head self-attention within groups: `qkv` `[groups·n, 3·heads·d]` (f32, each row
-/// its queries, keys and values, head-major inside each), `mask` `[groups, n]` additive on
-/// the keys (0 or −∞) → `[groups·n, heads·d]`. Scores are scaled by `scale`. Only call when
-/// [`available`] is true (the caller keeps a portable path).
-pub fn self_attention(qkv: &Tensor, groups: usize, heads: usize, scale: f32, mask: Option<Vec<f32>>) -> Result<Tensor> {
-    let op = SelfAttention { groups, heads, scale, mask };
+/// its queries, keys and values, head-major inside each) → `[groups·n, heads·d]`. Scores are
+/// scaled by `scale`, then `terms` are added. Only call when [`available`] is true (the caller
+/// keeps a portable path).
+pub fn self_attention(qkv: &Tensor, groups: usize, heads: usize, scale: f32, terms: &ScoreTerms) -> Result<Tensor> {
+    let op = SelfAttention { groups, heads, scale, terms: terms.clone() };
     Ok(qkv.contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
@@ -37,7 +72,7 @@ struct SelfAttention {
     groups: usize,
     heads: usize,
     scale: f32,
-    mask: Option<Vec<f32>>,
+    terms: ScoreTerms,
 }
 
 impl CustomOp1 for SelfAttention {
@@ -52,8 +87,11 @@ impl CustomOp1 for SelfAttention {
         if rows % g != 0 || width % (3 * heads) != 0 {
             candle_core::bail!("self-attention: [{rows}, {width}] is not {g} groups of q, k, v for {heads} heads");
         }
-        if self.mask.as_ref().is_some_and(|m| m.len() != rows) {
-            candle_core::bail!("self-attention: the mask does not have one value per row");
+        if self.terms.keys.as_ref().is_some_and(|m| m.len() != rows) {
+            candle_core::bail!("self-attention: the key terms do not have one value per row");
+        }
+        if self.terms.relative.as_ref().is_some_and(|r| r.len() != heads * relative_len(rows / g)) {
+            candle_core::bail!("self-attention: the relative terms do not match {heads} heads of groups of {}", rows / g);
         }
         if !available() {
             candle_core::bail!("self-attention: needs AVX-512F");
@@ -62,7 +100,8 @@ impl CustomOp1 for SelfAttention {
         let x = &v[l.start_offset()..l.start_offset() + rows * width];
         let mut out = vec![0f32; rows * h];
         let ptr = super::SharedOut(out.as_mut_ptr());
-        let job = Job { x, n, h, d: h / heads, scale: self.scale, mask: self.mask.as_deref() };
+        let (mask, relative) = (self.terms.keys.as_deref(), self.terms.relative.as_deref());
+        let job = Job { x, n, h, d: h / heads, scale: self.scale, mask, relative };
         (0..g * heads).into_par_iter().for_each(|t| {
             let p = ptr;
             // SAFETY: AVX-512F was checked; the sizes were checked above; task t writes only
@@ -89,6 +128,7 @@ struct Job<'a> {
     d: usize,
     scale: f32,
     mask: Option<&'a [f32]>,
+    relative: Option<&'a [f32]>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -132,12 +172,25 @@ impl Job<'_> {
                     }
                 }
                 let (s, scale) = (st.as_mut_ptr(), _mm512_set1_ps(self.scale));
-                // Scaled after the product, as the reference does (q·kᵀ·scale).
+                let mask = self.mask.map(|m| &m[g * n..(g + 1) * n]);
+                // Key j's terms for queries q0.. start at offset q0 − j: value q0 − j + n − 1.
+                let rel = self.relative.map(|r| r.as_ptr().add(hd * relative_len(n) + q0 + n - 1));
+                // Scaled after the product (q·kᵀ·scale: SigLIP's order; the Conformer scales q
+                // by 1/8, a power of two, so the order does not change a bit), then the terms.
                 f32gemm::tiles(qp.as_ptr(), kp.as_ptr(), d, 0, d, n, |j, a0, a1| {
-                    _mm512_storeu_ps(s.add(j * XR), _mm512_mul_ps(a0, scale));
-                    _mm512_storeu_ps(s.add(j * XR + 16), _mm512_mul_ps(a1, scale));
+                    let (mut a0, mut a1) = (_mm512_mul_ps(a0, scale), _mm512_mul_ps(a1, scale));
+                    if let Some(r) = rel {
+                        a0 = _mm512_add_ps(a0, _mm512_loadu_ps(r.sub(j)));
+                        a1 = _mm512_add_ps(a1, _mm512_loadu_ps(r.sub(j).add(16)));
+                    }
+                    if let Some(m) = mask {
+                        let m = _mm512_set1_ps(m[j]);
+                        (a0, a1) = (_mm512_add_ps(a0, m), _mm512_add_ps(a1, m));
+                    }
+                    _mm512_storeu_ps(s.add(j * XR), a0);
+                    _mm512_storeu_ps(s.add(j * XR + 16), a1);
                 });
-                softmax_columns(st, n, self.mask.map(|m| &m[g * n..(g + 1) * n]));
+                softmax_columns(st, n);
                 // p·v over chunks of keys, summed chunk by chunk (shorter f32 sums).
                 f32gemm::sums(st.as_ptr(), vp.as_ptr(), n, d, KEY_CHUNK, oacc.as_mut_ptr());
                 for (c, acc) in oacc.chunks_exact(XR).enumerate() {
@@ -151,22 +204,22 @@ impl Job<'_> {
 }
 
 /// `st` `[n, XR]` scores (one row per key) → the softmax of each column,
-/// `e^(s + mask − max) / Σ`, normalised before `p·v` as the reference does.
+/// `e^(s − max) / Σ`, normalised before `p·v` as the reference does; a column whose scores are
+/// all −∞ (every key masked) becomes zeros.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_columns(st: &mut [f32], n: usize, mask: Option<&[f32]>) {
+unsafe fn softmax_columns(st: &mut [f32], n: usize) {
     let s = st.as_mut_ptr();
     let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 2];
     for j in 0..n {
         for (half, m) in mx.iter_mut().enumerate() {
-            let p = s.add(j * XR + 16 * half);
-            let mut v = _mm512_loadu_ps(p);
-            if let Some(mask) = mask {
-                v = _mm512_add_ps(v, _mm512_set1_ps(mask[j]));
-                _mm512_storeu_ps(p, v);
-            }
-            *m = _mm512_max_ps(*m, v);
+            *m = _mm512_max_ps(*m, _mm512_loadu_ps(s.add(j * XR + 16 * half)));
         }
+    }
+    // All keys masked: subtract 0 instead (e^−∞ = 0, no NaN from −∞ − −∞).
+    for m in &mut mx {
+        let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(*m, _mm512_set1_ps(f32::NEG_INFINITY));
+        *m = _mm512_mask_blend_ps(none, *m, _mm512_setzero_ps());
     }
     // Four partial sums per column (keys j mod 4), added at the end: shorter f32 sums.
     let mut sum = [[_mm512_setzero_ps(); 2]; 4];
@@ -179,8 +232,8 @@ unsafe fn softmax_columns(st: &mut [f32], n: usize, mask: Option<&[f32]>) {
         }
     }
     let sum = [0, 1].map(|h| _mm512_add_ps(_mm512_add_ps(sum[0][h], sum[1][h]), _mm512_add_ps(sum[2][h], sum[3][h])));
-    let one = _mm512_set1_ps(1.0);
-    let inv = [_mm512_div_ps(one, sum[0]), _mm512_div_ps(one, sum[1])];
+    // A zero sum (all keys masked) gives zero probabilities, not 0·∞.
+    let inv = sum.map(|v| _mm512_maskz_div_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_setzero_ps()), _mm512_set1_ps(1.0), v));
     for j in 0..n {
         for (half, inv) in inv.iter().enumerate() {
             let p = s.add(j * XR + 16 * half);
@@ -195,19 +248,28 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn matches_f64_attention_with_and_without_a_mask() -> crate::error::Result<()> {
+    fn matches_f64_attention_with_masks_and_relative_terms() -> crate::error::Result<()> {
         if !available() {
             eprintln!("skipped: no AVX-512F on this CPU");
             return Ok(());
         }
-        // Group sizes around the 32-query panel and the 12-key tile; head widths 8 and 72.
-        for (groups, n, heads, d, masked) in [(2, 45, 3, 8, false), (1, 33, 2, 72, true), (3, 7, 1, 16, true), (1, 64, 2, 24, false)] {
+        // Group sizes around the 32-query panel and the 12-key tile; head widths 8 and 72;
+        // mask: 0 none, 1 the last 3 keys of each group, 2 also every key of the last group.
+        for (groups, n, heads, d, masked, rel) in
+            [(2, 45, 3, 8, 0, false), (1, 33, 2, 72, 1, false), (3, 7, 1, 16, 1, true), (1, 64, 2, 24, 0, true), (2, 40, 2, 16, 2, true)]
+        {
             let (h, w) = (heads * d, 3 * heads * d);
             let x = crate::quant::test_values(groups * n * w, (n * d) as u64);
-            let mask: Option<Vec<f32>> = masked.then(|| (0..groups * n).map(|i| if i % n >= n - 3 { f32::NEG_INFINITY } else { 0.0 }).collect());
+            let keys: Option<Arc<[f32]>> = (masked > 0).then(|| {
+                (0..groups * n)
+                    .map(|i| if i % n >= n - 3 || (masked == 2 && i / n == groups - 1) { f32::NEG_INFINITY } else { 0.0 })
+                    .collect()
+            });
+            let term = |hd: usize, off: isize| (hd as f32 + 1.0) * 0.3 * (off as f32 * 0.37).sin();
+            let terms = ScoreTerms { keys: keys.clone(), relative: rel.then(|| relative(n, heads, term)) };
             let scale = 1.0 / (d as f32).sqrt();
             let qkv = Tensor::from_vec(x.clone(), (groups * n, w), &Device::Cpu)?;
-            let got: Vec<f32> = self_attention(&qkv, groups, heads, scale, mask.clone())?.flatten_all()?.to_vec1()?;
+            let got: Vec<f32> = self_attention(&qkv, groups, heads, scale, &terms)?.flatten_all()?.to_vec1()?;
             for g in 0..groups {
                 for hd in 0..heads {
                     let at = |r: usize, off: usize, c: usize| x[(g * n + r) * w + off + hd * d + c] as f64;
@@ -215,16 +277,18 @@ mod tests {
                         let mut s: Vec<f64> = (0..n)
                             .map(|j| {
                                 let dot: f64 = (0..d).map(|c| at(i, 0, c) * at(j, h, c)).sum();
-                                dot * scale as f64 + mask.as_ref().map_or(0.0, |m| m[g * n + j] as f64)
+                                let r = if rel { term(hd, i as isize - j as isize) as f64 } else { 0.0 };
+                                dot * scale as f64 + r + keys.as_ref().map_or(0.0, |m| m[g * n + j] as f64)
                             })
                             .collect();
                         let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        s.iter_mut().for_each(|v| *v = (*v - mx).exp());
-                        let sum: f64 = s.iter().sum();
+                        // Every key masked: zero probabilities (the Conformer reference).
+                        s.iter_mut().for_each(|v| *v = if mx == f64::NEG_INFINITY { 0.0 } else { (*v - mx).exp() });
+                        let sum: f64 = s.iter().sum::<f64>().max(f64::MIN_POSITIVE);
                         for c in 0..d {
                             let want: f64 = (0..n).map(|j| s[j] / sum * at(j, 2 * h, c)).sum();
                             let y = got[(g * n + i) * h + hd * d + c] as f64;
-                            assert!((y - want).abs() <= 1e-5 * (1.0 + want.abs()), "g{g} h{hd} ({i},{c}): {y} vs {want}");
+                            assert!((y - want).abs() <= 1e-5 * (1.0 + want.abs()), "n{n} g{g} h{hd} ({i},{c}): {y} vs {want}");
                         }
                     }
                 }
