@@ -154,10 +154,21 @@ impl Job<'_> {
             // Keys as n weight rows of d, values as d weight rows of n (the tile's layout).
             kp.resize(n * d, 0.0);
             vp.resize(d * n, 0.0);
-            for (j, r) in rows.chunks_exact(w).enumerate() {
-                for c in 0..d {
-                    kp[f32gemm::weight_index(j, c, n, d)] = r[ko + c];
-                    vp[f32gemm::weight_index(c, j, d, n)] = r[vo + c];
+            // Tile by tile of the layout (as `weight_index` places them), no per-value
+            // index arithmetic: a tile of m keys holds column c's m values side by side.
+            for j0 in (0..n).step_by(f32gemm::WR) {
+                let m = (n - j0).min(f32gemm::WR);
+                let tile = &mut kp[j0 * d..(j0 + m) * d];
+                for (jj, r) in rows[j0 * w..(j0 + m) * w].chunks_exact(w).enumerate() {
+                    for (c, &v) in r[ko..ko + d].iter().enumerate() {
+                        tile[c * m + jj] = v;
+                    }
+                }
+            }
+            for c0 in (0..d).step_by(f32gemm::WR) {
+                let m = (d - c0).min(f32gemm::WR);
+                for (dst, r) in vp[c0 * n..(c0 + m) * n].chunks_exact_mut(m).zip(rows.chunks_exact(w)) {
+                    dst.copy_from_slice(&r[vo + c0..vo + c0 + m]);
                 }
             }
             oacc.resize(d * XR, 0.0);
