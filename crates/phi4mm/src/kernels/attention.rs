@@ -158,7 +158,8 @@ impl Job<'_> {
             // index arithmetic: a tile of m keys holds column c's m values side by side.
             for j0 in (0..n).step_by(f32gemm::WR) {
                 let m = (n - j0).min(f32gemm::WR);
-                let tile = &mut kp[j0 * d..(j0 + m) * d];
+                let at = f32gemm::weight_index(j0, 0, n, d);
+                let tile = &mut kp[at..at + m * d];
                 for (jj, r) in rows[j0 * w..(j0 + m) * w].chunks_exact(w).enumerate() {
                     for (c, &v) in r[ko..ko + d].iter().enumerate() {
                         tile[c * m + jj] = v;
@@ -167,7 +168,8 @@ impl Job<'_> {
             }
             for c0 in (0..d).step_by(f32gemm::WR) {
                 let m = (d - c0).min(f32gemm::WR);
-                for (dst, r) in vp[c0 * n..(c0 + m) * n].chunks_exact_mut(m).zip(rows.chunks_exact(w)) {
+                let at = f32gemm::weight_index(c0, 0, d, n);
+                for (dst, r) in vp[at..at + m * n].chunks_exact_mut(m).zip(rows.chunks_exact(w)) {
                     dst.copy_from_slice(&r[vo + c0..vo + c0 + m]);
                 }
             }
