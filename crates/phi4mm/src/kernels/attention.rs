@@ -178,12 +178,7 @@ impl Job<'_> {
             st.resize(n * XR, 0.0);
             for q0 in (0..n).step_by(XR) {
                 let valid = (n - q0).min(XR);
-                qp.fill(0.0);
-                for (i, r) in rows[q0 * w..(q0 + valid) * w].chunks_exact(w).enumerate() {
-                    for (c, &v) in r[qo..qo + d].iter().enumerate() {
-                        qp[c * XR + i] = v;
-                    }
-                }
+                f32gemm::pack_panel(&rows[q0 * w..], w, qo, valid, d, qp);
                 let (s, scale) = (st.as_mut_ptr(), _mm512_set1_ps(self.scale));
                 let mask = self.mask.map(|m| &m[g * n..(g + 1) * n]);
                 // Key j's terms for queries q0.. start at offset q0 − j: value q0 − j + n − 1.
@@ -206,11 +201,8 @@ impl Job<'_> {
                 softmax_columns(st, n);
                 // p·v over chunks of keys, summed chunk by chunk (shorter f32 sums).
                 f32gemm::sums(st.as_ptr(), vp.as_ptr(), n, d, KEY_CHUNK, oacc.as_mut_ptr());
-                for (c, acc) in oacc.chunks_exact(XR).enumerate() {
-                    for (i, &v) in acc.iter().take(valid).enumerate() {
-                        *out.add((g * n + q0 + i) * self.h + qo + c) = v;
-                    }
-                }
+                let o = super::Out { ptr: out.add((g * n + q0) * self.h + qo), stride: self.h };
+                f32gemm::store_sums(oacc, d, valid, true, None, o);
             }
         });
     }
