@@ -340,29 +340,10 @@ impl AudioEncoder {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
-    /// The T5 relative bias (`table[clamp(j − i, −md, md−1) + md]` for query i, key j), with
-    /// −∞ on masked keys, for windows of `t` frames.
+    /// The attention terms for windows of `t` frames, for the attention path this encoder takes.
     fn bias(&self, t: usize, mask: Option<&[f32]>, nw: usize) -> Result<WindowBias> {
-        let h = self.heads;
-        let md = self.max_dist as i64;
-        let at = |head: usize, j_minus_i: i64| self.bias_table[(j_minus_i.clamp(-md, md - 1) + md) as usize * h + head];
-        if self.device.is_cpu() && self.act == DType::F32 && kernels::attention::available() {
-            let relative = kernels::attention::relative(t, h, |head, i_minus_j| at(head, -(i_minus_j as i64)));
-            return Ok(WindowBias::Terms(ScoreTerms { keys: mask.map(Into::into), relative: Some(relative) }));
-        }
-        let mut b = vec![0f32; h * t * t];
-        for i in 0..t {
-            for j in 0..t {
-                for hh in 0..h {
-                    b[(hh * t + i) * t + j] = at(hh, j as i64 - i as i64);
-                }
-            }
-        }
-        let bias = Tensor::from_vec(b, (1, h, t, t), &self.device)?;
-        Ok(WindowBias::Dense(match mask {
-            None => bias,
-            Some(m) => bias.broadcast_add(&Tensor::from_vec(m.to_vec(), (nw, 1, 1, t), &self.device)?)?,
-        }))
+        let kernel = self.device.is_cpu() && self.act == DType::F32 && kernels::attention::available();
+        window_bias(&self.bias_table, self.max_dist, self.heads, t, mask, nw, kernel, &self.device)
     }
 
     /// Projects encoder output `[n, hidden]` into the decoder width.
@@ -371,5 +352,78 @@ impl AudioEncoder {
             Projector::Speech => self.speech_projection.forward(x),
             Projector::Vision => self.vision_projection.forward(x),
         }
+    }
+}
+
+/// The T5 relative bias (`table[clamp(j − i, −md, md−1) + md, head]` for query i, key j;
+/// `table` `[2·md, heads]`) with −∞ on the keys `mask` marks (`[nw, t]`), for windows of `t`
+/// frames: as the attention kernel's terms when `kernel`, else as one dense tensor.
+#[allow(clippy::too_many_arguments)]
+fn window_bias(
+    table: &[f32],
+    max_dist: usize,
+    heads: usize,
+    t: usize,
+    mask: Option<&[f32]>,
+    nw: usize,
+    kernel: bool,
+    device: &Device,
+) -> Result<WindowBias> {
+    let (h, md) = (heads, max_dist as i64);
+    let at = |head: usize, j_minus_i: i64| table[(j_minus_i.clamp(-md, md - 1) + md) as usize * h + head];
+    if kernel {
+        let relative = kernels::attention::relative(t, h, |head, i_minus_j| at(head, -(i_minus_j as i64)));
+        return Ok(WindowBias::Terms(ScoreTerms { keys: mask.map(Into::into), relative: Some(relative) }));
+    }
+    let mut b = vec![0f32; h * t * t];
+    for i in 0..t {
+        for j in 0..t {
+            for hh in 0..h {
+                b[(hh * t + i) * t + j] = at(hh, j as i64 - i as i64);
+            }
+        }
+    }
+    let bias = Tensor::from_vec(b, (1, h, t, t), device)?;
+    Ok(WindowBias::Dense(match mask {
+        None => bias,
+        Some(m) => bias.broadcast_add(&Tensor::from_vec(m.to_vec(), (nw, 1, 1, t), device)?)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_kernel_matches_the_portable_path() -> Result<()> {
+        if !kernels::attention::available() {
+            eprintln!("skipped: no attention kernel on this CPU");
+            return Ok(());
+        }
+        // Two windows of 37 frames, 4 heads of 16; a bias table with a short max distance
+        // (offsets clamp); masks: none, the last 5 keys of each window, every key of window 2.
+        let (nw, t, d, heads, md) = (2, 37, 64, 4, 12);
+        let dev = Device::Cpu;
+        let lin = |o: usize, seed: u64| -> Result<Linear> {
+            let w = crate::quant::test_values(o * d, seed).iter().map(|v| v * 0.3).collect::<Vec<_>>();
+            let b = crate::quant::test_values(o, seed + 1);
+            Ok(Linear { w: Tensor::from_vec(w, (o, d), &dev)?.to_dtype(DType::BF16)?, b: Tensor::from_vec(b, o, &dev)? })
+        };
+        let attn = Attention { qkv: lin(3 * d, 5)?, out: lin(d, 9)?, heads };
+        let table: Vec<f32> = crate::quant::test_values(2 * md * heads, 17);
+        let x = Tensor::from_vec(crate::quant::test_values(nw * t * d, 3), (nw, t, d), &dev)?;
+        let partial: Vec<f32> = (0..nw * t).map(|i| if i % t >= t - 5 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let all: Vec<f32> = (0..nw * t).map(|i| if i / t == 1 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        for mask in [None, Some(&partial[..]), Some(&all[..])] {
+            let run = |kernel: bool| -> Result<Vec<f32>> {
+                let b = window_bias(&table, md, heads, t, mask, nw, kernel, &dev)?;
+                Ok(attn.forward(&x, &b)?.flatten_all()?.to_vec1()?)
+            };
+            let (k, p) = (run(true)?, run(false)?);
+            for (i, (a, b)) in k.iter().zip(&p).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "mask {:?} [{i}]: kernel {a} vs portable {b}", mask.map(|m| m[t - 1]));
+            }
+        }
+        Ok(())
     }
 }
