@@ -7,6 +7,7 @@
 //! bounded by a window, not by the recording.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::audio_features::{LogMel, N_MELS};
 use crate::audio_subsample::Subsampling;
@@ -122,7 +123,7 @@ struct ConvModule {
     glu: Linear,
     b1: Tensor,
     b2: Tensor,
-    dw_w: Vec<f32>, // [d, k]
+    dw_w: Vec<f32>, // [k, d] (tap-major: each tap one contiguous multiply-add over the channels)
     dw_b: Vec<f32>,
     pw: Linear,
     ext: Linear,
@@ -140,7 +141,7 @@ impl ConvModule {
             glu: Linear::load_pointwise(&g.pp("ext_pw_conv_1d"), d, 2 * d, 3, dtype)?,
             b1: g.get("b1", &[1, d, 1], act)?.flatten_all()?,
             b2: g.get("b2", &[1, d, 1], act)?.flatten_all()?,
-            dw_w: dw.get("weight", &[d, 1, k], DType::F32)?.flatten_all()?.to_vec1()?,
+            dw_w: dw.get("weight", &[d, 1, k], DType::F32)?.reshape((d, k))?.t()?.flatten_all()?.to_vec1()?,
             dw_b: dw.get("bias", &[d], DType::F32)?.to_vec1()?,
             pw: Linear::load_pointwise(&s.pp("dw_sep_conv_1d").pp("pw_conv"), d, d, 3, dtype)?,
             ext: Linear::load_pointwise(&s.pp("ext_pw_conv_1d"), d, d, 3, dtype)?,
@@ -156,25 +157,23 @@ impl ConvModule {
         self.ext.forward(&h)
     }
 
-    /// out[t, c] = Σ_i w[c, i]·x[t − (k−1) + i, c] + b[c] on `[w, t, d]`.
+    /// out[t, c] = Σ_i w[c, i]·x[t − (k−1) + i, c] + b[c] on `[w, t, d]`, rows over the threads.
     fn causal_depthwise(&self, x: &Tensor) -> Result<Tensor> {
         let (nw, t, d) = x.dims3()?;
         let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let k = self.kernel;
         let mut out = vec![0f32; nw * t * d];
-        for w in 0..nw {
-            for tt in 0..t {
-                let o = &mut out[(w * t + tt) * d..(w * t + tt + 1) * d];
-                o.copy_from_slice(&self.dw_b);
-                for i in 0..k {
-                    let Some(src_t) = (tt + i).checked_sub(k - 1) else { continue };
-                    let src = &xs[(w * t + src_t) * d..(w * t + src_t + 1) * d];
-                    for c in 0..d {
-                        o[c] += self.dw_w[c * k + i] * src[c];
-                    }
+        out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+            let (w, tt) = (row / t, row % t);
+            o.copy_from_slice(&self.dw_b);
+            for i in 0..k {
+                let Some(src_t) = (tt + i).checked_sub(k - 1) else { continue };
+                let src = &xs[(w * t + src_t) * d..(w * t + src_t + 1) * d];
+                for ((o, &wi), &v) in o.iter_mut().zip(&self.dw_w[i * d..(i + 1) * d]).zip(src) {
+                    *o += wi * v;
                 }
             }
-        }
+        });
         Ok(Tensor::from_vec(out, (nw, t, d), x.device())?.to_dtype(x.dtype())?)
     }
 }

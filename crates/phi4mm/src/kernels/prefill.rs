@@ -108,10 +108,7 @@ pub(super) fn quant_gemm(x: &[f32], n: usize, q: &QMatrix) -> Vec<f32> {
     acts.quantize(x, k, q.qtype());
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    let nb = block_rows(W_BLOCK_BYTES, q.qtype().row_bytes(k), out, qgemm::MR);
-    (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
-        let first = b * nb;
-        let rows = nb.min(out - first);
+    row_blocks(W_BLOCK_BYTES, q.qtype().row_bytes(k), out, qgemm::MR).into_par_iter().for_each(|(first, rows)| {
         let p = ptr;
         // SAFETY: `takes` checked the CPU and the width; `acts` holds n rows quantised for
         // q's format; this task writes only columns first..first+rows of `y` (n·out values).
@@ -120,16 +117,28 @@ pub(super) fn quant_gemm(x: &[f32], n: usize, q: &QMatrix) -> Vec<f32> {
     y
 }
 
-/// Weight rows per L2 block of at most `budget` bytes of rows of `row_bytes` (a multiple of
-/// the register tile's `tile` rows).
-pub(super) fn block_rows(budget: usize, row_bytes: usize, out: usize, tile: usize) -> usize {
+/// Blocks of weight rows `(first, rows)` for the threads: at most `budget` bytes of rows of
+/// `row_bytes` each (as near as the register tile's `tile` rows allows), at least four per
+/// thread, their count a multiple of the threads, and the tiles spread evenly (blocks differ by
+/// at most one tile, the larger ones spread over the range): 9 blocks over 2 threads left one
+/// idle for a ninth of every product, and equal blocks with a short last one (1024 rows as 7 ×
+/// 132 + 100) left one idle for 6%.
+pub(super) fn row_blocks(budget: usize, row_bytes: usize, out: usize, tile: usize) -> Vec<(usize, usize)> {
     let threads = rayon::current_num_threads().max(1);
+    let tile = tile.max(1);
     let by_cache = (budget / row_bytes.max(1)).max(tile) / tile * tile;
-    // At least four blocks per thread, and a multiple of the threads (as near as the tile
-    // allows): 9 blocks over 2 threads left one idle for a ninth of every product.
     let per_thread = out.div_ceil(threads * by_cache).max(4);
-    let nb = out.div_ceil(threads * per_thread).div_ceil(tile) * tile;
-    nb.clamp(tile, by_cache)
+    let tiles = out.div_ceil(tile);
+    let count = (threads * per_thread).min(tiles);
+    let mut first = 0;
+    (0..count)
+        .map(|b| {
+            let t = (b + 1) * tiles / count - b * tiles / count;
+            let rows = (t * tile).min(out - first);
+            first += rows;
+            (first - rows, rows)
+        })
+        .collect()
 }
 
 /// Prefill path with AVX-512 BF16: panels of activation rows, and within a panel blocks of
@@ -149,15 +158,13 @@ pub(super) fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usi
     };
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    let nb = block_rows(W_BLOCK_BYTES, 2 * k, out, bf16dot::NR);
+    let blocks = row_blocks(W_BLOCK_BYTES, 2 * k, out, bf16dot::NR);
     let panel = (X_PANEL_BYTES / (2 * k.max(1))).max(4) / 4 * 4;
     let mut first_row = 0;
     while first_row < n {
         let rows_x = panel.min(n - first_row);
         let xs = &x[first_row * k..(first_row + rows_x) * k];
-        (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
-            let first = b * nb;
-            let rows = nb.min(out - first);
+        blocks.par_iter().for_each(|&(first, rows)| {
             let wb = w.bf16_rows(first, rows, k);
             let p = ptr;
             // SAFETY: AVX-512 BF16 is checked by the caller; `xs` holds rows_x·k values and
@@ -185,10 +192,7 @@ pub(super) fn blocked_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, out: us
         f32_tile_gemm(x, n, k, w, bias, &mut y, out);
         return y;
     }
-    let nb = block_rows(W_BLOCK_BYTES, 2 * k, out, 4);
-    (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
-        let first = b * nb;
-        let rows = nb.min(out - first);
+    row_blocks(W_BLOCK_BYTES, 2 * k, out, 4).into_par_iter().for_each(|(first, rows)| {
         let mut wf = Vec::new();
         w.f32_rows_into(first, rows, k, &mut wf);
         let p = ptr;
@@ -274,10 +278,7 @@ fn f32_tile_gemm(x: &[f32], n: usize, k: usize, w: Source<'_>, bias: Option<&[f3
         }
         return;
     }
-    let nb = block_rows(F32_BLOCK_BYTES, 4 * k_block, out, f32gemm::WR);
-    (0..out.div_ceil(nb)).into_par_iter().for_each(|b| {
-        let first = b * nb;
-        let rows = nb.min(out - first);
+    row_blocks(F32_BLOCK_BYTES, 4 * k_block, out, f32gemm::WR).into_par_iter().for_each(|(first, rows)| {
         WIDE.with_borrow_mut(|wf| {
             wf.resize(rows * k_block, 0.0);
             ACC.with_borrow_mut(|acc| {
@@ -304,5 +305,32 @@ thread_local! {
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// One weight row widened or dequantised on its way into the tile layout.
     static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_blocks;
+
+    #[test]
+    fn row_blocks_cover_the_rows_evenly() {
+        let threads = rayon::current_num_threads().max(1);
+        for (budget, row_bytes, out, tile) in [(1 << 20, 4096, 1024, 12), (1 << 20, 4096, 3072, 12), (1 << 20, 6144, 1024, 12), (1 << 20, 2048, 16384, 4), (1 << 20, 4096, 7, 12), (1 << 20, 4096, 100, 16), (64, 4096, 50, 4), (1 << 20, 4096, 0, 12)] {
+            let b = row_blocks(budget, row_bytes, out, tile);
+            let mut next = 0;
+            for (i, &(first, rows)) in b.iter().enumerate() {
+                assert_eq!(first, next, "{out}: block {i} is not contiguous");
+                assert!(rows > 0 && (rows % tile == 0 || i + 1 == b.len()), "{out}: block {i} has {rows} rows");
+                next += rows;
+            }
+            assert_eq!(next, out, "{out}: the blocks do not cover the rows");
+            let tiles: Vec<usize> = b.iter().map(|&(_, r)| r.div_ceil(tile)).collect();
+            let (lo, hi) = (tiles.iter().min().copied().unwrap_or(0), tiles.iter().max().copied().unwrap_or(0));
+            assert!(hi - lo <= 1, "{out}: blocks of {lo} to {hi} tiles");
+            // (Unless the budget leaves fewer tiles than blocks wanted: the last case but one.)
+            if out.div_ceil(tile) >= 4 * threads && budget >= row_bytes * tile {
+                assert_eq!(b.len() % threads, 0, "{out}: {} blocks over {threads} threads", b.len());
+            }
+        }
+    }
 }
 
