@@ -79,10 +79,9 @@ enum WindowBias {
 
 impl Attention {
     fn load(s: &Scope, d: usize, heads: usize, dtype: DType) -> Result<Self> {
-        let [q, k, v] = ["linear_q", "linear_k", "linear_v"].map(|n| Linear::load(&s.pp(n), d, d, dtype));
-        let (q, k, v) = (q?, k?, v?);
+        let qkv = [Linear::load(&s.pp("linear_q"), d, d, dtype)?, Linear::load(&s.pp("linear_k"), d, d, dtype)?, Linear::load(&s.pp("linear_v"), d, d, dtype)?];
         Ok(Attention {
-            qkv: Linear { w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)? },
+            qkv: Linear::concat(&qkv)?,
             out: Linear::load(&s.pp("linear_out"), d, d, dtype)?,
             heads,
         })
@@ -341,7 +340,7 @@ impl AudioEncoder {
 
     /// The attention terms for windows of `t` frames, for the attention path this encoder takes.
     fn bias(&self, t: usize, mask: Option<&[f32]>, nw: usize) -> Result<WindowBias> {
-        let kernel = self.device.is_cpu() && self.act == DType::F32 && kernels::attention::available();
+        let kernel = kernels::attention::takes(&self.device, self.act);
         window_bias(&self.bias_table, self.max_dist, self.heads, t, mask, nw, kernel, &self.device)
     }
 

@@ -45,6 +45,12 @@ impl Linear {
         })
     }
 
+    /// Layers over the same input as one product: their outputs side by side (q, k, v).
+    pub fn concat(parts: &[Linear]) -> Result<Self> {
+        let (w, b): (Vec<&Tensor>, Vec<&Tensor>) = parts.iter().map(|l| (&l.w, &l.b)).unzip();
+        Ok(Linear { w: Tensor::cat(&w, 0)?, b: Tensor::cat(&b, 0)? })
+    }
+
     /// `[.., in]` → `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         kernels::linear_bias(x, &self.w, &self.b)

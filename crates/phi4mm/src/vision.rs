@@ -36,14 +36,10 @@ impl EncoderLayer {
     fn load(s: &Scope, c: &VisionConfig, dtype: DType, act: DType) -> Result<Self> {
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
         let a = s.pp("self_attn");
-        let (q, k, v) = (
-            Linear::load(&a.pp("q_proj"), h, h, dtype)?,
-            Linear::load(&a.pp("k_proj"), h, h, dtype)?,
-            Linear::load(&a.pp("v_proj"), h, h, dtype)?,
-        );
+        let qkv = [Linear::load(&a.pp("q_proj"), h, h, dtype)?, Linear::load(&a.pp("k_proj"), h, h, dtype)?, Linear::load(&a.pp("v_proj"), h, h, dtype)?];
         Ok(EncoderLayer {
             layer_norm1: LayerNorm::load(&s.pp("layer_norm1"), h, eps, act)?,
-            qkv: Linear { w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, b: Tensor::cat(&[&q.b, &k.b, &v.b], 0)? },
+            qkv: Linear::concat(&qkv)?,
             out_proj: Linear::load(&a.pp("out_proj"), h, h, dtype)?,
             layer_norm2: LayerNorm::load(&s.pp("layer_norm2"), h, eps, act)?,
             fc1: Linear::load(&s.pp("mlp").pp("fc1"), h, i, dtype)?,
@@ -58,7 +54,7 @@ impl EncoderLayer {
         let d = h / self.heads;
         let scale = 1.0 / (d as f64).sqrt();
         let qkv = self.qkv.forward(&self.layer_norm1.forward(x)?.reshape((b * p, h))?)?; // [b·p, 3h]
-        let attn = if x.device().is_cpu() && x.dtype() == DType::F32 && kernels::attention::available() {
+        let attn = if kernels::attention::takes(x.device(), x.dtype()) {
             kernels::attention::self_attention(&qkv, b, self.heads, scale as f32, terms)?
         } else {
             self.attention_portable(&qkv, b, p, terms.keys.as_deref())?

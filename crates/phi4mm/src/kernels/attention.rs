@@ -30,6 +30,12 @@ pub fn available() -> bool {
     f32gemm::available()
 }
 
+/// Whether the encoders' attention on `device` with activations of `dtype` runs here: f32 on a
+/// CPU with the kernel (else the caller's portable path).
+pub fn takes(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    device.is_cpu() && dtype == candle_core::DType::F32 && available()
+}
+
 /// Terms added to the scaled scores before the softmax.
 #[derive(Debug, Clone, Default)]
 pub struct ScoreTerms {

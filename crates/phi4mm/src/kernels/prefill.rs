@@ -62,10 +62,10 @@ impl Source<'_> {
         // Column by column of the tile: contiguous stores, m sequential reads.
         match self {
             Source::Bf16(w) => {
-                let srcs: Vec<&[bf16]> = (0..m).map(|jj| &w[(first + r0 + jj) * k + k0..][..kc]).collect();
+                let srcs: [&[bf16]; f32gemm::WR] = std::array::from_fn(|jj| if jj < m { &w[(first + r0 + jj) * k + k0..][..kc] } else { &[] });
                 // SAFETY: the caller runs this only with AVX-512F; m ≤ WR ≤ 16 sources of kc
                 // values; dst holds this tile's m·kc values.
-                unsafe { f32gemm::interleave_bf16(&srcs, kc, &mut dst[..m * kc]) };
+                unsafe { f32gemm::interleave_bf16(&srcs[..m], kc, &mut dst[..m * kc]) };
             }
             Source::Quant(q) => {
                 row.resize(m * k, 0.0);
