@@ -106,13 +106,14 @@ pub(super) fn quant_gemm(x: &[f32], n: usize, q: &QMatrix) -> Vec<f32> {
     let (k, out) = (q.cols(), q.rows());
     let mut acts = QActs::default();
     acts.quantize(x, k, q.qtype());
+    let start = qgemm::start_sums(&acts, q.qtype());
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
     row_blocks(W_BLOCK_BYTES, q.qtype().row_bytes(k), out, qgemm::MR).into_par_iter().for_each(|(first, rows)| {
         let p = ptr;
         // SAFETY: `takes` checked the CPU and the width; `acts` holds n rows quantised for
         // q's format; this task writes only columns first..first+rows of `y` (n·out values).
-        unsafe { qgemm::gemm(&acts, 0, n, q, first, rows, Out { ptr: p.0.add(first), stride: out }) };
+        unsafe { qgemm::gemm(&acts, &start, 0, n, q, first, rows, Out { ptr: p.0.add(first), stride: out }) };
     });
     y
 }

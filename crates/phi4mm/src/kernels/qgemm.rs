@@ -9,13 +9,19 @@
 //!   quants copied in the weight format's run order, so each 32-bit lane of a product
 //!   accumulates one block of a run of 16 (see `quant`).
 //! * A register tile of [`MR`] weight rows × [`NR`] activation rows holds 16 integer
-//!   accumulators. Per 64-byte chunk each activation row is loaded once and each weight row
-//!   unpacked once (Q4_0/Q6_0 nibbles, Q8_0 bytes made unsigned), then multiplied into all
+//!   accumulators. Per 64-byte chunk each weight row is unpacked once (Q4_0/Q6_0 nibbles, Q8_0
+//!   bytes made unsigned) and each activation chunk loaded once and multiplied into all
 //!   pairs. After each run (512 weights) the block sums become f32 and are scaled by
-//!   `d_w·d_x` into f32 accumulators.
+//!   `d_w·d_x` into f32 accumulators. The format is a const parameter (no Q6_0 branches in
+//!   the inner loop). Per pair and run, eight `vpdpbusd` against three cvt/mul/FMA (and the
+//!   nibble unpacking shared by the tile's activation rows) on the same two ports bound the
+//!   tile at ~55% of the `vpdpbusd` peak (a C model of the loop measured that); 3 × 8 and
+//!   2 × 8 tiles were no faster than 4 × 4 over a whole product on two threads (1.00 ± 0.05,
+//!   alternating in one process), and 2 × 8 lost 15–20% at 8192 columns (activations past L1).
 //! * The weights' unsigned offset (8 for Q4_0, 32 for Q6_0, 128 for flipped Q8_0) comes out
-//!   exactly: each run's integer accumulators start at `−offset·Σq_x` (`Σ (q+c)·x = Σ q·x +
-//!   c·Σ x`), so integer block sums equal the decode kernel's and only the f32 order differs.
+//!   exactly: each run's integer accumulators start at `−offset·Σq_x` ([`start_sums`], once
+//!   per product: `Σ (q+c)·x = Σ q·x + c·Σ x`), so integer block sums equal the decode
+//!   kernel's and only the f32 order differs.
 //!
 //! Only matrices made of whole runs (width a multiple of 512, as every decoder projection of
 //! the full model) come here; the caller keeps the other path for the rest.
@@ -38,24 +44,36 @@ pub fn takes(q: &QMatrix) -> bool {
     q.cols().is_multiple_of(GROUP * BLOCK) && q.cols() > 0 && super::qdot::vnni()
 }
 
+/// Each block's starting integer sum for weights in `qtype`: `−c·Σq_x`, `c` the format's
+/// unsigned offset (8 for Q4_0, 32 for Q6_0, 128 for flipped Q8_0).
+pub fn start_sums(acts: &QActs, qtype: QType) -> Vec<i32> {
+    let shift = match qtype {
+        QType::Q8_0 => 7,
+        QType::Q4_0 => 3,
+        QType::Q6_0 => 5,
+    };
+    acts.s.iter().map(|s| -(s << shift)).collect()
+}
 
-/// Activation rows `first..first+n` of `acts` (quantised for `q`'s format, `q.cols()` per row)
-/// times weight rows `w0..w0+rows` of `q` transposed, into `out` `[n, rows]`.
+/// Activation rows `first..first+n` of `acts` (quantised for `q`'s format, `q.cols()` per row,
+/// with their [`start_sums`] in `start`) times weight rows `w0..w0+rows` of `q` transposed,
+/// into `out` `[n, rows]`.
 ///
 /// # Safety
 /// Only call when [`takes`] is true for `q`; `acts` holds at least `first + n` rows quantised
-/// for `q.qtype()`, `w0 + rows ≤ q.rows()`, and `out` covers `n` rows of `rows` columns that
-/// no other thread writes.
+/// for `q.qtype()` and `start` is their `start_sums`, `w0 + rows ≤ q.rows()`, and `out` covers
+/// `n` rows of `rows` columns that no other thread writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn gemm(acts: &QActs, first: usize, n: usize, q: &QMatrix, w0: usize, rows: usize, out: Out) {
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(acts: &QActs, start: &[i32], first: usize, n: usize, q: &QMatrix, w0: usize, rows: usize, out: Out) {
     let k = q.cols();
     let nb = k / BLOCK;
     let rb = q.qtype().row_bytes(k);
     let x = Rows {
         q: acts.qi.as_ptr().add(first * k),
         d: acts.d.as_ptr().add(first * nb),
-        s: acts.s.as_ptr().add(first * nb),
+        s: start.as_ptr().add(first * nb),
         stride: k,
     };
     let w = Weights { q: q.qs().as_ptr().add(w0 * rb), d: q.scales().as_ptr().add(w0 * nb), stride: rb };
@@ -70,9 +88,9 @@ pub unsafe fn gemm(acts: &QActs, first: usize, n: usize, q: &QMatrix, w0: usize,
             let wj = w.skip(j, nb);
             let o = Out { ptr: oi.ptr.add(j), stride: oi.stride };
             match q.qtype() {
-                QType::Q8_0 => dispatch::<8>(step, nr, wj, xi, nb, o, QType::Q8_0),
-                QType::Q4_0 => dispatch::<4>(step, nr, wj, xi, nb, o, QType::Q4_0),
-                QType::Q6_0 => dispatch::<4>(step, nr, wj, xi, nb, o, QType::Q6_0),
+                QType::Q8_0 => dispatch::<Q8>(step, nr, wj, xi, nb, o),
+                QType::Q4_0 => dispatch::<Q4>(step, nr, wj, xi, nb, o),
+                QType::Q6_0 => dispatch::<Q6>(step, nr, wj, xi, nb, o),
             }
             j += step;
         }
@@ -80,7 +98,12 @@ pub unsafe fn gemm(acts: &QActs, first: usize, n: usize, q: &QMatrix, w0: usize,
     }
 }
 
-/// Activation rows: run-ordered quants, scales and per-block quant sums.
+/// The formats as the tiles' const parameter.
+const Q8: u8 = 0;
+const Q4: u8 = 1;
+const Q6: u8 = 2;
+
+/// Activation rows: run-ordered quants, scales and per-block starting sums.
 #[derive(Clone, Copy)]
 struct Rows {
     q: *const i8,
@@ -109,17 +132,16 @@ impl Weights {
     }
 }
 
-/// The tile for `step` (MR or 1) weight rows × `nr` (1..=NR) activation rows; `C` is the
-/// number of 64-byte chunks a run's quants take (Q8_0: 8, Q4_0/Q6_0: 4 nibble chunks).
+/// The tile for `step` (MR or 1) weight rows × `nr` (1..=NR) activation rows of format `F`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dispatch<const C: usize>(step: usize, nr: usize, w: Weights, x: Rows, nb: usize, o: Out, qtype: QType) {
+unsafe fn dispatch<const F: u8>(step: usize, nr: usize, w: Weights, x: Rows, nb: usize, o: Out) {
     macro_rules! tiles {
         ($($n:literal)*) => {
             match (step == MR, nr) {
-                $((true, $n) => tile::<MR, $n, C>(w, x, nb, o, qtype),)*
-                $((false, $n) => tile::<1, $n, C>(w, x, nb, o, qtype),)*
+                $((true, $n) => tile::<MR, $n, F>(w, x, nb, o),)*
+                $((false, $n) => tile::<1, $n, F>(w, x, nb, o),)*
                 _ => {}
             }
         };
@@ -127,68 +149,59 @@ unsafe fn dispatch<const C: usize>(step: usize, nr: usize, w: Weights, x: Rows, 
     tiles!(1 2 3 4 5 6 7 8);
 }
 
-/// `M` weight rows × `N` activation rows over every run of the rows.
+/// `M` weight rows × `N` activation rows of format `F` over every run of the rows.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const M: usize, const N: usize, const C: usize>(w: Weights, x: Rows, nb: usize, out: Out, qtype: QType) {
+unsafe fn tile<const M: usize, const N: usize, const F: u8>(w: Weights, x: Rows, nb: usize, out: Out) {
+    let qtype = match F {
+        Q8 => QType::Q8_0,
+        Q4 => QType::Q4_0,
+        _ => QType::Q6_0,
+    };
     let run = GROUP * BLOCK;
     let run_bytes = GROUP * qtype.block_bytes();
-    // log2 of the weights' unsigned offset.
-    let shift = match qtype {
-        QType::Q8_0 => 7,
-        QType::Q4_0 => 3,
-        QType::Q6_0 => 5,
-    };
     let flip = _mm512_set1_epi8(-128);
     let mut acc = [[_mm512_setzero_ps(); N]; M];
     for g in 0..nb / GROUP {
         let mut a = [[_mm512_setzero_si512(); N]; M];
         for j in 0..N {
-            let sums = _mm512_loadu_si512(x.s.add(j * nb + g * GROUP).cast());
-            let start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_sll_epi32(sums, _mm_cvtsi32_si128(shift)));
             for row in a.iter_mut() {
-                row[j] = start;
+                row[j] = _mm512_loadu_si512(x.s.add(j * nb + g * GROUP).cast());
             }
         }
         let xg = x.q.add(g * run).cast::<u8>();
-        if C == 8 {
+        let wg = w.q.add(g * run_bytes);
+        if F == Q8 {
             for t in 0..8 {
-                let mut xv = [_mm512_setzero_si512(); N];
-                for (j, v) in xv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_si512(xg.add(j * x.stride + 64 * t).cast());
-                }
-                for (i, row) in a.iter_mut().enumerate() {
-                    let wv = _mm512_xor_si512(_mm512_loadu_si512(w.q.add(i * w.stride + g * run_bytes + 64 * t).cast()), flip);
-                    for (acc, xv) in row.iter_mut().zip(&xv) {
-                        *acc = _mm512_dpbusd_epi32(*acc, wv, *xv);
+                let wv: [__m512i; M] = std::array::from_fn(|i| _mm512_xor_si512(_mm512_loadu_si512(wg.add(i * w.stride + 64 * t).cast()), flip));
+                for j in 0..N {
+                    let xv = _mm512_loadu_si512(xg.add(j * x.stride + 64 * t).cast());
+                    for (row, wv) in a.iter_mut().zip(&wv) {
+                        row[j] = _mm512_dpbusd_epi32(row[j], *wv, xv);
                     }
                 }
             }
         } else {
             for t in 0..4 {
-                let mut lo = [_mm512_setzero_si512(); N];
-                let mut hi = [_mm512_setzero_si512(); N];
+                let wv: [(__m512i, __m512i); M] = std::array::from_fn(|i| super::qdot::x86::nibble_values(qtype, wg.add(i * w.stride), t));
                 for j in 0..N {
-                    lo[j] = _mm512_loadu_si512(xg.add(j * x.stride + 128 * t).cast());
-                    hi[j] = _mm512_loadu_si512(xg.add(j * x.stride + 128 * t + 64).cast());
-                }
-                for (i, row) in a.iter_mut().enumerate() {
-                    let (wl, wh) = super::qdot::x86::nibble_values(qtype, w.q.add(i * w.stride + g * run_bytes), t);
-                    for j in 0..N {
-                        row[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(row[j], wl, lo[j]), wh, hi[j]);
+                    let lo = _mm512_loadu_si512(xg.add(j * x.stride + 128 * t).cast());
+                    for (row, wv) in a.iter_mut().zip(&wv) {
+                        row[j] = _mm512_dpbusd_epi32(row[j], wv.0, lo);
+                    }
+                    let hi = _mm512_loadu_si512(xg.add(j * x.stride + 128 * t + 64).cast());
+                    for (row, wv) in a.iter_mut().zip(&wv) {
+                        row[j] = _mm512_dpbusd_epi32(row[j], wv.1, hi);
                     }
                 }
             }
         }
-        let mut dx = [_mm512_setzero_ps(); N];
-        for (j, v) in dx.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(x.d.add(j * nb + g * GROUP));
-        }
         for (i, (row, acc)) in a.iter().zip(acc.iter_mut()).enumerate() {
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.d.add(i * nb + g * GROUP).cast()));
-            for ((s, acc), dx) in row.iter().zip(acc.iter_mut()).zip(&dx) {
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, *dx), *acc);
+            for (j, (s, acc)) in row.iter().zip(acc.iter_mut()).enumerate() {
+                let dx = _mm512_loadu_ps(x.d.add(j * nb + g * GROUP));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*s), _mm512_mul_ps(dw, dx), *acc);
             }
         }
     }
@@ -220,7 +233,7 @@ mod tests {
                 acts.quantize(&x, k, qtype);
                 let mut y = vec![f32::NAN; n * rows];
                 // SAFETY: checked `available`; k is a multiple of 512; `y` is [n, rows].
-                unsafe { gemm(&acts, 0, n, &m, 0, rows, Out { ptr: y.as_mut_ptr(), stride: rows }) };
+                unsafe { gemm(&acts, &start_sums(&acts, qtype), 0, n, &m, 0, rows, Out { ptr: y.as_mut_ptr(), stride: rows }) };
                 for i in 0..n {
                     for r in 0..rows {
                         let (wq, wd) = m.row(r);
@@ -249,8 +262,9 @@ mod tests {
         let mut part = vec![0f32; 2 * 3];
         // SAFETY: as above; the part is rows 3..5 of the activations and 4..7 of the weights.
         unsafe {
-            gemm(&acts, 0, n, &m, 0, rows, Out { ptr: whole.as_mut_ptr(), stride: rows });
-            gemm(&acts, 3, 2, &m, 4, 3, Out { ptr: part.as_mut_ptr(), stride: 3 });
+            let start = start_sums(&acts, qtype);
+            gemm(&acts, &start, 0, n, &m, 0, rows, Out { ptr: whole.as_mut_ptr(), stride: rows });
+            gemm(&acts, &start, 3, 2, &m, 4, 3, Out { ptr: part.as_mut_ptr(), stride: 3 });
         }
         for i in 0..2 {
             for j in 0..3 {
@@ -260,3 +274,5 @@ mod tests {
         Ok(())
     }
 }
+
+
