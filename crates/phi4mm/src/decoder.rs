@@ -106,6 +106,10 @@ impl Attention {
             return self.o_proj.forward(&out, adapter);
         }
         let (keys, values) = cache.append(layer, start, &k, &v)?; // [kv, L, d]
+        if causal_kernel(x.device()) {
+            let out = crate::kernels::attention::causal(&q, &keys, &values, start, scale as f32)?.to_dtype(x.dtype())?;
+            return self.o_proj.forward(&out, adapter);
+        }
         let total = start + n;
         let group = h / kv;
 
@@ -129,6 +133,12 @@ impl Attention {
         let out = out.reshape((h, n, d))?.transpose(0, 1)?.reshape((n, h * d))?;
         self.o_proj.forward(&out, adapter)
     }
+}
+
+/// Whether prefill attention on `device` runs on the fused causal kernel (the CPU with
+/// AVX-512F; elsewhere the portable matmul path, whose score matrix bounds the chunk size).
+fn causal_kernel(device: &Device) -> bool {
+    device.is_cpu() && crate::kernels::attention::available()
 }
 
 /// `[n, L]` additive mask: query `i` (position `start+i`) sees keys `0..=start+i`.
@@ -165,10 +175,8 @@ impl Mlp {
     /// `[n, hidden]` → `[n, hidden]`.
     fn forward(&self, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
         let gu = self.gate_up_proj.forward(x, adapter)?; // [n, 2·inter]
-        let gate = gu.narrow(1, 0, self.inter)?;
-        let up = gu.narrow(1, self.inter, self.inter)?;
-        let a = (candle_nn::ops::silu(&gate)? * up)?;
-        self.down_proj.forward(&a, adapter)
+        debug_assert_eq!(gu.dim(1)?, 2 * self.inter);
+        self.down_proj.forward(&crate::kernels::elementwise::swiglu(&gu)?, adapter)
     }
 }
 
@@ -455,8 +463,12 @@ impl Decoder {
         Ok(x)
     }
 
-    /// Queries per prefill chunk so one score matrix stays under `max_score_bytes`.
+    /// Queries per prefill chunk: 2048 on the fused kernel (no score matrix), else so one score
+    /// matrix stays under `max_score_bytes`.
     fn prefill_chunk(&self, total: usize) -> usize {
+        if causal_kernel(&self.device) {
+            return 2048;
+        }
         let per_query = self.heads * total * 4;
         (self.max_score_bytes / per_query.max(1)).clamp(16, 2048)
     }

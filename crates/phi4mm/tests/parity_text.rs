@@ -44,9 +44,12 @@ fn decoder_matches_reference_in_every_lora_mode() {
         let layers = hs.dim(0).unwrap() - 1;
         let tap = |n: &str| taps.iter().find(|(k, _)| k == n).map(|(_, t)| f32s(t)).unwrap();
         assert_close(&format!("{name}: embeddings"), &tap("embeddings"), &f32s(&hs.get(0).unwrap()), 1e-6, 0.0);
+        // Hidden states carry f32 reordering noise (a different GEMM or attention summation
+        // order) amplified by the random weights: up to 1.4e-4 here, on either attention path,
+        // where a causal mask off by one key differs by 20.
         for i in 0..layers - 1 {
             let e = f32s(&hs.get(i + 1).unwrap());
-            assert_close(&format!("{name}: layer {i}"), &tap(&format!("layer.{i}")), &e, 1e-4, 1e-4);
+            assert_close(&format!("{name}: layer {i}"), &tap(&format!("layer.{i}")), &e, 2e-4, 1e-4);
         }
         let last = f32s(&exp["last_layer_pre_norm"]);
         assert_close(&format!("{name}: last layer"), &tap(&format!("layer.{}", layers - 1)), &last, 1e-4, 1e-4);

@@ -64,11 +64,10 @@ fn rotate<A: Act>(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// SiLU as candle computes it: `v / (1 + exp(−v))`, each op rounded to the dtype.
+/// SiLU as the prefill's `swiglu` computes it: in f32, rounded once to the dtype.
 #[inline(always)]
 fn silu<A: Act>(v: f32) -> f32 {
-    let rd = A::round;
-    rd(v / rd(1.0 + rd((-v).exp())))
+    A::round(crate::kernels::elementwise::silu_one(v))
 }
 
 impl Decoder {

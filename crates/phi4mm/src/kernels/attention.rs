@@ -157,28 +157,8 @@ impl Job<'_> {
         let rows = &self.x[g * n * w..(g + 1) * n * w];
         let (qo, ko, vo) = (hd * d, self.h + hd * d, 2 * self.h + hd * d);
         BUFS.with_borrow_mut(|[kp, vp, qp, st, oacc]| {
-            // Keys as n weight rows of d, values as d weight rows of n (the tile's layout).
-            kp.resize(n * d, 0.0);
-            vp.resize(d * n, 0.0);
-            // Tile by tile of the layout (as `weight_index` places them), no per-value
-            // index arithmetic: a tile of m keys holds column c's m values side by side.
-            for j0 in (0..n).step_by(f32gemm::WR) {
-                let m = (n - j0).min(f32gemm::WR);
-                let at = f32gemm::weight_index(j0, 0, n, d);
-                let tile = &mut kp[at..at + m * d];
-                for (jj, r) in rows[j0 * w..(j0 + m) * w].chunks_exact(w).enumerate() {
-                    for (c, &v) in r[ko..ko + d].iter().enumerate() {
-                        tile[c * m + jj] = v;
-                    }
-                }
-            }
-            for c0 in (0..d).step_by(f32gemm::WR) {
-                let m = (d - c0).min(f32gemm::WR);
-                let at = f32gemm::weight_index(c0, 0, d, n);
-                for (dst, r) in vp[at..at + m * n].chunks_exact_mut(m).zip(rows.chunks_exact(w)) {
-                    dst.copy_from_slice(&r[vo + c0..vo + c0 + m]);
-                }
-            }
+            pack_keys(rows, w, ko, n, d, kp);
+            pack_values(rows, w, vo, n, d, vp);
             oacc.resize(d * XR, 0.0);
             qp.resize(d * XR, 0.0);
             st.resize(n * XR, 0.0);
@@ -206,8 +186,172 @@ impl Job<'_> {
                 });
                 softmax_columns(st, n);
                 // p·v over chunks of keys, summed chunk by chunk (shorter f32 sums).
-                f32gemm::sums(st.as_ptr(), vp.as_ptr(), n, d, KEY_CHUNK, oacc.as_mut_ptr());
+                f32gemm::sums(st.as_ptr(), vp.as_ptr(), n, n, d, KEY_CHUNK, oacc.as_mut_ptr());
                 let o = super::Out { ptr: out.add((g * n + q0) * self.h + qo), stride: self.h };
+                f32gemm::store_sums(oacc, d, valid, true, None, o);
+            }
+        });
+    }
+}
+
+/// Keys `j < n` (`d` values at `rows[j·stride + off..]`) as `n` weight rows of `d` in the tile's
+/// layout, tile by tile (as `weight_index` places them, no per-value index arithmetic: a tile
+/// of m keys holds column c's m values side by side).
+fn pack_keys(rows: &[f32], stride: usize, off: usize, n: usize, d: usize, kp: &mut Vec<f32>) {
+    kp.resize(n * d, 0.0);
+    for j0 in (0..n).step_by(f32gemm::WR) {
+        let m = (n - j0).min(f32gemm::WR);
+        let at = f32gemm::weight_index(j0, 0, n, d);
+        let tile = &mut kp[at..at + m * d];
+        for (jj, r) in rows[j0 * stride..(j0 + m) * stride].chunks(stride).enumerate() {
+            for (c, &v) in r[off..off + d].iter().enumerate() {
+                tile[c * m + jj] = v;
+            }
+        }
+    }
+}
+
+/// The same rows' values as `d` weight rows of `n` (the `p·v` product's weights).
+fn pack_values(rows: &[f32], stride: usize, off: usize, n: usize, d: usize, vp: &mut Vec<f32>) {
+    vp.resize(d * n, 0.0);
+    for c0 in (0..d).step_by(f32gemm::WR) {
+        let m = (d - c0).min(f32gemm::WR);
+        let at = f32gemm::weight_index(c0, 0, d, n);
+        for (dst, r) in vp[at..at + m * n].chunks_exact_mut(m).zip(rows.chunks(stride)) {
+            dst.copy_from_slice(&r[off + c0..off + c0 + m]);
+        }
+    }
+}
+
+/// Causal grouped-query attention for a decoder prefill chunk: queries `q` `[heads, n, d]` at
+/// positions `start..start+n`, `keys` and `values` `[kv_heads, start+n, d]` (the cache through
+/// the chunk) → `[n, heads·d]` f32, `softmax(q·kᵀ·scale + causal mask)·v` with query head `h`
+/// reading KV head `h / (heads / kv_heads)`. Every input is taken as f32. Per query head, 32
+/// queries at a time as in [`self_attention`]; each panel multiplies only the keys its last
+/// query sees (rounded up to the 12-key tile, the rest masked), so a chunk does half the
+/// products of the full score matrix, which is never formed (the portable path's
+/// `[heads, n, start+n]` scores bounded the prefill chunk). Only call when [`available`].
+pub fn causal(q: &Tensor, keys: &Tensor, values: &Tensor, start: usize, scale: f32) -> Result<Tensor> {
+    let f32c = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(candle_core::DType::F32)?.contiguous()?) };
+    let op = Causal { start, scale };
+    Ok(f32c(q)?.apply_op3_no_bwd(&f32c(keys)?, &f32c(values)?, &op)?)
+}
+
+struct Causal {
+    start: usize,
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for Causal {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (heads, n, d) = l1.shape().dims3()?;
+        let (kv, total, dk) = l2.shape().dims3()?;
+        if l3.shape().dims() != l2.shape().dims() || dk != d || kv == 0 || heads % kv != 0 || total != self.start + n {
+            candle_core::bail!(
+                "causal attention: queries {:?}, keys {:?}, values {:?} at position {} do not match",
+                l1.shape().dims(),
+                l2.shape().dims(),
+                l3.shape().dims(),
+                self.start
+            );
+        }
+        let (q, k, v) = (f32_slice(s1, l1, heads * n * d)?, f32_slice(s2, l2, kv * total * d)?, f32_slice(s3, l3, kv * total * d)?);
+        if !available() {
+            candle_core::bail!("causal attention: needs AVX-512F");
+        }
+        let mut out = vec![0f32; n * heads * d];
+        let ptr = super::SharedOut(out.as_mut_ptr());
+        let job = CausalJob { q, k, v, n, total, d, heads, group: heads / kv, start: self.start, scale: self.scale };
+        (0..heads).into_par_iter().for_each(|hd| {
+            let p = ptr;
+            // SAFETY: AVX-512F was checked; the sizes were checked above; task hd writes only
+            // head hd's columns of `out`.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                job.head(hd, p.0)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (p, hd, &job);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, heads * d))))
+    }
+}
+
+/// `len` f32 values of a contiguous input.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> candle_core::Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(&v[l.start_offset()..l.start_offset() + len]),
+        _ => candle_core::bail!("causal attention: f32 only"),
+    }
+}
+
+/// One [`causal`] call's operands.
+struct CausalJob<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    n: usize,
+    total: usize,
+    d: usize,
+    heads: usize,
+    group: usize,
+    start: usize,
+    scale: f32,
+}
+
+impl CausalJob<'_> {
+    /// Query head `hd` into `out` (rows of `heads·d`).
+    ///
+    /// # Safety
+    /// AVX-512F present; the slices hold the shapes of [`Causal::cpu_fwd`]'s checks; no other
+    /// thread writes this head's columns of `out`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn head(&self, hd: usize, out: *mut f32) {
+        let (n, total, d) = (self.n, self.total, self.d);
+        let g = hd / self.group;
+        let kv_rows = g * total * d..(g + 1) * total * d;
+        let queries = &self.q[hd * n * d..(hd + 1) * n * d];
+        BUFS.with_borrow_mut(|[kp, vp, qp, st, oacc]| {
+            pack_keys(&self.k[kv_rows.clone()], d, 0, total, d, kp);
+            pack_values(&self.v[kv_rows], d, 0, total, d, vp);
+            oacc.resize(d * XR, 0.0);
+            qp.resize(d * XR, 0.0);
+            st.resize(total * XR, 0.0);
+            let (s, scale, lanes) = (st.as_mut_ptr(), _mm512_set1_ps(self.scale), _mm512_set1_ps(f32::NEG_INFINITY));
+            for q0 in (0..n).step_by(XR) {
+                let valid = (n - q0).min(XR);
+                f32gemm::pack_panel(&queries[q0 * d..], d, 0, valid, d, qp);
+                // Query i of the panel (position start+q0+i) sees keys 0..=start+q0+i.
+                let first = self.start + q0;
+                let keys = (first + valid).div_ceil(f32gemm::WR) * f32gemm::WR;
+                let keys = keys.min(total);
+                f32gemm::tiles(qp.as_ptr(), kp.as_ptr(), d, 0, d, keys, |j, a0, a1| {
+                    // Lanes i < j − first are queries before key j: masked.
+                    let hidden = j.saturating_sub(first);
+                    let m0 = ((1u64 << hidden.min(16)) - 1) as __mmask16;
+                    let m1 = ((1u64 << hidden.saturating_sub(16).min(16)) - 1) as __mmask16;
+                    let a0 = _mm512_mask_mov_ps(_mm512_mul_ps(a0, scale), m0, lanes);
+                    let a1 = _mm512_mask_mov_ps(_mm512_mul_ps(a1, scale), m1, lanes);
+                    _mm512_storeu_ps(s.add(j * XR), a0);
+                    _mm512_storeu_ps(s.add(j * XR + 16), a1);
+                });
+                softmax_columns(st, keys);
+                f32gemm::sums(st.as_ptr(), vp.as_ptr(), total, keys, d, KEY_CHUNK, oacc.as_mut_ptr());
+                let w = self.heads * d;
+                let o = super::Out { ptr: out.add(q0 * w + hd * d), stride: w };
                 f32gemm::store_sums(oacc, d, valid, true, None, o);
             }
         });
@@ -301,6 +445,43 @@ mod tests {
                             let y = got[(g * n + i) * h + hd * d + c] as f64;
                             assert!((y - want).abs() <= 1e-5 * (1.0 + want.abs()), "n{n} g{g} h{hd} ({i},{c}): {y} vs {want}");
                         }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_matches_f64_grouped_attention() -> crate::error::Result<()> {
+        if !available() {
+            eprintln!("skipped: no AVX-512F on this CPU");
+            return Ok(());
+        }
+        // Chunks shorter and longer than a panel, at the start and after cached positions,
+        // groups of 1–3 query heads per KV head, key counts off the 12-key tile.
+        for (heads, kv, n, start, d) in [(4, 2, 45, 0, 16), (6, 2, 33, 20, 72), (3, 3, 1, 7, 8), (2, 1, 70, 5, 128), (3, 1, 32, 0, 24)] {
+            let total = start + n;
+            let q = crate::quant::test_values(heads * n * d, 1 + n as u64);
+            let k = crate::quant::test_values(kv * total * d, 2 + total as u64);
+            let v = crate::quant::test_values(kv * total * d, 3 + d as u64);
+            let scale = 1.0 / (d as f32).sqrt();
+            let t = |x: &[f32], a, b| Tensor::from_vec(x.to_vec(), (a, b, d), &Device::Cpu);
+            let got: Vec<f32> = causal(&t(&q, heads, n)?, &t(&k, kv, total)?, &t(&v, kv, total)?, start, scale)?.flatten_all()?.to_vec1()?;
+            for hd in 0..heads {
+                let g = hd / (heads / kv);
+                for i in 0..n {
+                    let seen = start + i + 1;
+                    let s: Vec<f64> = (0..seen)
+                        .map(|j| (0..d).map(|c| q[(hd * n + i) * d + c] as f64 * k[(g * total + j) * d + c] as f64).sum::<f64>() * scale as f64)
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (0..seen).map(|j| e[j] / sum * v[(g * total + j) * d + c] as f64).sum();
+                        let y = got[i * heads * d + hd * d + c] as f64;
+                        assert!((y - want).abs() <= 1e-5 * (1.0 + want.abs()), "h{heads}/{kv} n{n} start{start} ({hd},{i},{c}): {y} vs {want}");
                     }
                 }
             }

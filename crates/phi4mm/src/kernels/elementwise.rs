@@ -1,9 +1,9 @@
 //! Element-wise functions candle computes one libm call at a time on the CPU: here a
 //! polynomial `exp` the compiler vectorises, over chunks split across the threads.
 //! Used for SigLIP's tanh GELU (30 M values per layer for a 7-crop image: image encode 51 → 37 s)
-//! and SigLIP's attention softmax. (The decoder keeps candle's softmax: over a 4090-token prompt
-//! the tiny parity model amplified the different rounding to 3e-4 in the logits, beyond the
-//! 1e-4 parity tolerance.)
+//! and SigLIP's attention softmax, and the decoder MLP's `silu(gate)·up` ([`swiglu`]). (The
+//! decoder's prefill attention has the attention kernel's own softmax; this module's softmax
+//! over a 4090-token prompt moved the tiny parity model's logits by 3e-4.)
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::bf16;
@@ -180,7 +180,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// `x·σ(x)` (PyTorch `silu`), with the polynomial [`exp`].
 #[inline(always)]
-fn silu_one(x: f32) -> f32 {
+pub(crate) fn silu_one(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
@@ -251,6 +251,68 @@ pub fn gated_silu(x: &Tensor, biases: Option<(&Tensor, &Tensor)>) -> Result<Tens
     Ok(x.contiguous()?.apply_op1_no_bwd(&GatedSilu { half: h, b })?)
 }
 
+/// `silu(gate)·up` for `x = [gate | up]` split in halves on the last axis (the decoder's MLP),
+/// in one pass on the CPU for f32 and bf16 (bf16: the silu computed in f32 and rounded to
+/// bf16 before the product, as the reference's two bf16 ops store it), anything else through
+/// candle.
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    let h = x.dim(candle_core::D::Minus1)? / 2;
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::BF16) {
+        let (g, u) = (x.narrow(candle_core::D::Minus1, 0, h)?, x.narrow(candle_core::D::Minus1, h, h)?);
+        return Ok((candle_nn::ops::silu(&g)? * u)?);
+    }
+    Ok(x.contiguous()?.apply_op1_no_bwd(&SwiGlu { half: h })?)
+}
+
+struct SwiGlu {
+    half: usize,
+}
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h = self.half.max(1);
+        let dims = l.shape().dims();
+        if dims.last() != Some(&(2 * h)) {
+            candle_core::bail!("swiglu: last axis {:?} is not 2·{h}", dims.last());
+        }
+        let rows = l.shape().elem_count() / (2 * h);
+        let (o, len) = (l.start_offset(), rows * 2 * h);
+        let storage = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(halves(&v[o..o + len], h, |g, u| silu_one(g) * u)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(halves(&v[o..o + len], h, |g: bf16, u: bf16| {
+                bf16::from_f32(bf16::from_f32(silu_one(g.to_f32())).to_f32() * u.to_f32())
+            })),
+            _ => candle_core::bail!("swiglu: f32 or bf16 only"),
+        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = h;
+        }
+        Ok((storage, Shape::from(shape)))
+    }
+}
+
+/// `f(first[i], second[i])` for the two halves of every row of `2h` values, rows over the
+/// threads in tasks of ~16K outputs.
+fn halves<T: Copy + Default + Send + Sync>(x: &[T], h: usize, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let rows = x.len() / (2 * h);
+    let mut out = vec![T::default(); rows * h];
+    let per_task = (1 << 14) / h + 1;
+    out.par_chunks_mut(per_task * h).zip(x.par_chunks(per_task * 2 * h)).for_each(|(o, x)| {
+        for (o, x) in o.chunks_mut(h).zip(x.chunks(2 * h)) {
+            let (a, b) = x.split_at(h);
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        }
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +362,21 @@ mod tests {
                 assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "silu {a} vs {b}");
             }
         }
+        // swiglu: f32 against candle's ops; bf16 against the silu rounded once, then the product.
+        let ours: Vec<f32> = swiglu(&g)?.flatten_all()?.to_vec1()?;
+        let want: Vec<f32> = (candle_nn::ops::silu(&a)? * &h)?.flatten_all()?.to_vec1()?;
+        assert_eq!(swiglu(&g)?.dims(), &[3, 5, 21]);
+        for (a, b) in ours.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "swiglu {a} vs {b}");
+        }
+        let gb = g.to_dtype(DType::BF16)?;
+        let ours: Vec<f32> = swiglu(&gb)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let (ab, hb) = (gb.narrow(2, 0, 21)?.to_dtype(DType::F32)?, gb.narrow(2, 21, 21)?.to_dtype(DType::F32)?);
+        let s = candle_nn::ops::silu(&ab)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let want: Vec<f32> = (s * hb)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let off = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
+        // The polynomial exp may move a silu across a bf16 rounding boundary: rarely.
+        assert!(off * 50 <= want.len(), "bf16 swiglu: {off} of {} values differ", want.len());
         let x = Tensor::arange(-600i64, 600, &Device::Cpu)?.to_dtype(DType::F32)?;
         let x = (x * 0.01)?;
         let ours: Vec<f32> = gelu_tanh(&x)?.to_vec1()?;

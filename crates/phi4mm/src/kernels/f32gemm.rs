@@ -145,7 +145,7 @@ pub unsafe fn gemm(
     let a = acc.as_mut_ptr();
     for panel in 0..n.div_ceil(XR) {
         let xs = xp.as_ptr().add(panel * k * XR + k0 * XR);
-        sums(xs, wp.as_ptr(), kc, rows, KC, a);
+        sums(xs, wp.as_ptr(), kc, kc, rows, KC, a);
         let valid = (n - panel * XR).min(XR);
         let o = out.ptr.add(panel * XR * out.stride);
         store_sums(acc, rows, valid, k0 == 0, bias, Out { ptr: o, stride: out.stride });
@@ -252,19 +252,20 @@ unsafe fn transpose16(r: &mut [__m512; 16]) {
     }
 }
 
-/// All `k` columns of a panel `xs` times `rows` weight rows (a [`weight_index`] layout of `k`
-/// columns), `chunk` columns per pass of [`tiles`] (kept in L1), the passes' sums added up in
-/// `acc` `[rows, XR]` (weight row `j`'s sums for the panel's 32 rows at `acc + j·XR`).
+/// The first `k` columns of a panel `xs` times `rows` weight rows (a [`weight_index`] layout of
+/// `wk ≥ k` columns), `chunk` columns per pass of [`tiles`] (kept in L1), the passes' sums
+/// added up in `acc` `[rows, XR]` (weight row `j`'s sums for the panel's 32 rows at
+/// `acc + j·XR`).
 ///
 /// # Safety
-/// Only call when [`available`] is true; `xs` holds `k·XR` values, `wp` `rows·k`, and `acc`
-/// `rows·XR`.
+/// Only call when [`available`] is true; `xs` holds `k·XR` values, `wp` `rows·wk`, `k ≤ wk`,
+/// and `acc` `rows·XR`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn sums(xs: *const f32, wp: *const f32, k: usize, rows: usize, chunk: usize, acc: *mut f32) {
+pub unsafe fn sums(xs: *const f32, wp: *const f32, wk: usize, k: usize, rows: usize, chunk: usize, acc: *mut f32) {
     for c0 in (0..k).step_by(chunk.max(1)) {
-        tiles(xs.add(c0 * XR), wp, k, c0, chunk.min(k - c0), rows, |j, a0, a1| {
+        tiles(xs.add(c0 * XR), wp, wk, c0, chunk.min(k - c0), rows, |j, a0, a1| {
             let (p0, p1) = (acc.add(j * XR), acc.add(j * XR + 16));
             if c0 > 0 {
                 _mm512_storeu_ps(p0, _mm512_add_ps(_mm512_loadu_ps(p0), a0));
