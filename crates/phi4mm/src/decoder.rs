@@ -41,6 +41,9 @@ impl RmsNorm {
         if x.dtype() == DType::F32 {
             return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?);
         }
+        if x.device().is_cpu() && x.dtype() == DType::BF16 {
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&step::Bf16Norm(self))?);
+        }
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;

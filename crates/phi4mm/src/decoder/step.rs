@@ -50,6 +50,38 @@ impl RmsNorm {
     }
 }
 
+/// [`RmsNorm::apply`] in bf16 over the rows of a contiguous `[.., dim]` tensor: the tensor
+/// path's norm on the CPU (one pass per row, rows over the threads; candle's op chain made
+/// eight passes), so both paths share one definition.
+pub(super) struct Bf16Norm<'a>(pub &'a RmsNorm);
+
+impl candle_core::CustomOp1 for Bf16Norm<'_> {
+    fn name(&self) -> &'static str {
+        "rms-norm-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let dim = self.0.weight_f32.len();
+        let candle_core::CpuStorage::BF16(v) = s else { candle_core::bail!("rms-norm-bf16: bf16 only") };
+        if l.shape().dims().last() != Some(&dim) {
+            candle_core::bail!("rms-norm-bf16: last axis of {:?} is not {dim}", l.shape().dims());
+        }
+        let x = &v[l.start_offset()..l.start_offset() + l.shape().elem_count()];
+        let mut out = vec![half::bf16::ZERO; x.len()];
+        let rows_per_task = (1 << 14) / dim.max(1) + 1;
+        out.par_chunks_mut(rows_per_task * dim).zip(x.par_chunks(rows_per_task * dim)).for_each(|(o, x)| {
+            let (mut xf, mut yf) = (vec![0f32; dim], vec![0f32; dim]);
+            for (o, x) in o.chunks_mut(dim).zip(x.chunks(dim)) {
+                xf.iter_mut().zip(x).for_each(|(f, b)| *f = b.to_f32());
+                self.0.apply::<Bf16Act>(&xf, &mut yf);
+                o.iter_mut().zip(&yf).for_each(|(b, &f)| *b = half::bf16::from_f32(f));
+            }
+        });
+        Ok((candle_core::CpuStorage::BF16(out), l.shape().clone()))
+    }
+}
+
 /// Rotates the first `rot` dims of each `d`-wide head in `x` (rotate-half pairing), as
 /// candle's `rope` kernel does in the activation dtype.
 fn rotate<A: Act>(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
