@@ -13,6 +13,10 @@
 //! in L2; the whole score matrix is never formed. A query whose keys are all masked gets zero
 //! probabilities (the Conformer reference zeroes masked weights after the softmax). Measured on
 //! a 2-crop image and 30 s of speech (Intel, 2 threads): see the README.
+//!
+//! [`causal`] is the decoder's prefill attention on the same pieces: grouped-query (each query
+//! head reads its KV head's keys and values from the cache), causal (each panel reads only the
+//! keys its last query sees, later keys masked lane by lane as the scores are stored).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -330,26 +334,27 @@ impl CausalJob<'_> {
             oacc.resize(d * XR, 0.0);
             qp.resize(d * XR, 0.0);
             st.resize(total * XR, 0.0);
-            let (s, scale, lanes) = (st.as_mut_ptr(), _mm512_set1_ps(self.scale), _mm512_set1_ps(f32::NEG_INFINITY));
+            let (s, scale, masked) = (st.as_mut_ptr(), _mm512_set1_ps(self.scale), _mm512_set1_ps(f32::NEG_INFINITY));
             for q0 in (0..n).step_by(XR) {
                 let valid = (n - q0).min(XR);
                 f32gemm::pack_panel(&queries[q0 * d..], d, 0, valid, d, qp);
-                // Query i of the panel (position start+q0+i) sees keys 0..=start+q0+i.
+                // Query i of the panel (position start+q0+i) sees keys 0..=start+q0+i; the
+                // panel reads the keys its last query sees, rounded up to whole key tiles (the
+                // packed layout's tiles; keys past a query are masked below).
                 let first = self.start + q0;
-                let keys = (first + valid).div_ceil(f32gemm::WR) * f32gemm::WR;
-                let keys = keys.min(total);
-                f32gemm::tiles(qp.as_ptr(), kp.as_ptr(), d, 0, d, keys, |j, a0, a1| {
-                    // Lanes i < j − first are queries before key j: masked.
+                let seen = ((first + valid).div_ceil(f32gemm::WR) * f32gemm::WR).min(total);
+                f32gemm::tiles(qp.as_ptr(), kp.as_ptr(), d, 0, d, seen, |j, a0, a1| {
+                    // Lanes i < j − first are queries before key j.
                     let hidden = j.saturating_sub(first);
                     let m0 = ((1u64 << hidden.min(16)) - 1) as __mmask16;
                     let m1 = ((1u64 << hidden.saturating_sub(16).min(16)) - 1) as __mmask16;
-                    let a0 = _mm512_mask_mov_ps(_mm512_mul_ps(a0, scale), m0, lanes);
-                    let a1 = _mm512_mask_mov_ps(_mm512_mul_ps(a1, scale), m1, lanes);
+                    let a0 = _mm512_mask_mov_ps(_mm512_mul_ps(a0, scale), m0, masked);
+                    let a1 = _mm512_mask_mov_ps(_mm512_mul_ps(a1, scale), m1, masked);
                     _mm512_storeu_ps(s.add(j * XR), a0);
                     _mm512_storeu_ps(s.add(j * XR + 16), a1);
                 });
-                softmax_columns(st, keys);
-                f32gemm::sums(st.as_ptr(), vp.as_ptr(), total, keys, d, KEY_CHUNK, oacc.as_mut_ptr());
+                softmax_columns(st, seen);
+                f32gemm::sums(st.as_ptr(), vp.as_ptr(), total, seen, d, KEY_CHUNK, oacc.as_mut_ptr());
                 let w = self.heads * d;
                 let o = super::Out { ptr: out.add(q0 * w + hd * d), stride: w };
                 f32gemm::store_sums(oacc, d, valid, true, None, o);

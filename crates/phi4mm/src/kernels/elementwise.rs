@@ -204,30 +204,12 @@ impl CustomOp1 for GatedSilu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let h = self.half.max(1);
-        let dims = l.shape().dims();
-        if dims.last() != Some(&(2 * h)) {
-            candle_core::bail!("gated-silu: last axis {:?} is not 2·{h}", dims.last());
-        }
+        let shape = half_shape(l, h, "gated-silu")?;
         let CpuStorage::F32(v) = s else { candle_core::bail!("gated-silu: f32 only") };
-        let rows = l.shape().elem_count() / (2 * h);
-        let x = &v[l.start_offset()..l.start_offset() + rows * 2 * h];
-        let mut out = vec![0f32; rows * h];
+        let x = &v[l.start_offset()..l.start_offset() + l.shape().elem_count()];
         let zero = vec![0f32; h];
         let (b1, b2) = self.b.as_ref().map_or((&zero, &zero), |(a, b)| (a, b));
-        let per_task = (1 << 14) / h + 1;
-        out.par_chunks_mut(per_task * h).zip(x.par_chunks(per_task * 2 * h)).for_each(|(o, x)| {
-            for (o, x) in o.chunks_mut(h).zip(x.chunks(2 * h)) {
-                let (a, g) = x.split_at(h);
-                for ((((o, a), g), b1), b2) in o.iter_mut().zip(a).zip(g).zip(b1).zip(b2) {
-                    *o = (a + b1) * silu_one(g + b2);
-                }
-            }
-        });
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = h;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok((CpuStorage::F32(halves(x, h, |i, a, g| (a + b1[i]) * silu_one(g + b2[i]))), shape))
     }
 }
 
@@ -275,38 +257,40 @@ impl CustomOp1 for SwiGlu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let h = self.half.max(1);
-        let dims = l.shape().dims();
-        if dims.last() != Some(&(2 * h)) {
-            candle_core::bail!("swiglu: last axis {:?} is not 2·{h}", dims.last());
-        }
-        let rows = l.shape().elem_count() / (2 * h);
-        let (o, len) = (l.start_offset(), rows * 2 * h);
+        let shape = half_shape(l, h, "swiglu")?;
+        let (o, len) = (l.start_offset(), l.shape().elem_count());
         let storage = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(halves(&v[o..o + len], h, |g, u| silu_one(g) * u)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(halves(&v[o..o + len], h, |g: bf16, u: bf16| {
+            CpuStorage::F32(v) => CpuStorage::F32(halves(&v[o..o + len], h, |_, g, u| silu_one(g) * u)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(halves(&v[o..o + len], h, |_, g: bf16, u: bf16| {
                 bf16::from_f32(bf16::from_f32(silu_one(g.to_f32())).to_f32() * u.to_f32())
             })),
             _ => candle_core::bail!("swiglu: f32 or bf16 only"),
         };
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = h;
-        }
-        Ok((storage, Shape::from(shape)))
+        Ok((storage, shape))
     }
 }
 
-/// `f(first[i], second[i])` for the two halves of every row of `2h` values, rows over the
+/// The shape of an op that halves the last axis (`2h` → `h`), or an error naming `op`.
+fn half_shape(l: &Layout, h: usize, op: &str) -> candle_core::Result<Shape> {
+    let mut dims = l.shape().dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == 2 * h => *last = h,
+        last => candle_core::bail!("{op}: last axis {last:?} is not 2·{h}"),
+    }
+    Ok(Shape::from(dims))
+}
+
+/// `f(i, first[i], second[i])` for the two halves of every row of `2h` values, rows over the
 /// threads in tasks of ~16K outputs.
-fn halves<T: Copy + Default + Send + Sync>(x: &[T], h: usize, f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+fn halves<T: Copy + Default + Send + Sync>(x: &[T], h: usize, f: impl Fn(usize, T, T) -> T + Sync) -> Vec<T> {
     let rows = x.len() / (2 * h);
     let mut out = vec![T::default(); rows * h];
     let per_task = (1 << 14) / h + 1;
     out.par_chunks_mut(per_task * h).zip(x.par_chunks(per_task * 2 * h)).for_each(|(o, x)| {
         for (o, x) in o.chunks_mut(h).zip(x.chunks(2 * h)) {
             let (a, b) = x.split_at(h);
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
+            for (i, ((o, &a), &b)) in o.iter_mut().zip(a).zip(b).enumerate() {
+                *o = f(i, a, b);
             }
         }
     });
