@@ -11,6 +11,8 @@
 //!   included), in multiply-adds per second;
 //! * `attention/{format}/{len}`: one decode step of attention over a KV cache of `len`
 //!   positions (24 query heads, 8 KV heads, head_dim 128): f32, bf16 and 8-bit caches;
+//! * `attention/causal/{n}@{start}`: the prefill attention kernel for a chunk of `n` queries
+//!   after `start` cached positions, same heads, in multiply-adds of the visible pairs per second;
 //! * `encoder/…`: the SigLIP tower's work for a batch of 4 crops (4096 rows, f32 activations,
 //!   bf16 weights): `fc1` (1152 → 4304, bias added as stored), `fc2` (4304 → 1152) and the
 //!   self-attention kernel (16 heads of 72 over 1024 patches per crop), and the Conformer's
@@ -111,6 +113,22 @@ fn attention(c: &mut Criterion) {
             g.bench_function(format!("{len}"), |b| b.iter(|| cache.attend(0, &q, heads, len, 0.088).ok().map(|v| v.len())));
             g.finish();
         }
+    }
+    // Prefill: a chunk of n queries after `start` cached positions, on the causal kernel.
+    if phi4mm::kernels::attention::available() {
+        let mut g = c.benchmark_group("attention/causal");
+        g.sample_size(10);
+        for (n, start) in [(512usize, 0usize), (512, 3584)] {
+            let total = start + n;
+            let (Ok(q), Ok(k)) = (Tensor::randn(0f32, 1.0, (heads, n, d), &Device::Cpu), Tensor::randn(0f32, 1.0, (kvh, total, d), &Device::Cpu)) else {
+                return;
+            };
+            // Multiply-adds of the visible (query, key) pairs, q·k and p·v.
+            let pairs = n * start + n * (n + 1) / 2;
+            g.throughput(Throughput::Elements((heads * pairs * 2 * d) as u64));
+            g.bench_function(format!("{n}@{start}"), |b| b.iter(|| phi4mm::kernels::attention::causal(&q, &k, &k, start, 0.088).ok()));
+        }
+        g.finish();
     }
 }
 
