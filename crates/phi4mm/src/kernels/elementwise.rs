@@ -89,13 +89,14 @@ pub(crate) fn map_chunks<A: Copy + Sync, B: Copy + Default + Send>(x: &[A], f: i
     out
 }
 
-/// An element-wise f32 function as a candle op (f32, or bf16 computed in f32).
-struct Unary {
+/// An element-wise f32 function as a candle op (f32, or bf16 computed in f32). Generic over the
+/// function (a fn item, not a fn pointer) so it is inlined into the loop and vectorises.
+struct Unary<F> {
     name: &'static str,
-    f: fn(f32) -> f32,
+    f: F,
 }
 
-impl CustomOp1 for Unary {
+impl<F: Fn(f32) -> f32 + Copy + Send + Sync> CustomOp1 for Unary<F> {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -209,7 +210,12 @@ impl CustomOp1 for GatedSilu {
         let x = &v[l.start_offset()..l.start_offset() + l.shape().elem_count()];
         let zero = vec![0f32; h];
         let (b1, b2) = self.b.as_ref().map_or((&zero, &zero), |(a, b)| (a, b));
-        Ok((CpuStorage::F32(halves(x, h, |i, a, g| (a + b1[i]) * silu_one(g + b2[i]))), shape))
+        let out = halves(x, h, |o, a, g| {
+            for ((((o, a), g), b1), b2) in o.iter_mut().zip(a).zip(g).zip(b1).zip(b2) {
+                *o = (a + b1) * silu_one(g + b2);
+            }
+        });
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -260,9 +266,15 @@ impl CustomOp1 for SwiGlu {
         let shape = half_shape(l, h, "swiglu")?;
         let (o, len) = (l.start_offset(), l.shape().elem_count());
         let storage = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(halves(&v[o..o + len], h, |_, g, u| silu_one(g) * u)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(halves(&v[o..o + len], h, |_, g: bf16, u: bf16| {
-                bf16::from_f32(bf16::from_f32(silu_one(g.to_f32())).to_f32() * u.to_f32())
+            CpuStorage::F32(v) => CpuStorage::F32(halves(&v[o..o + len], h, |o, g, u| {
+                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                    *o = silu_one(*g) * u;
+                }
+            })),
+            CpuStorage::BF16(v) => CpuStorage::BF16(halves(&v[o..o + len], h, |o, g, u| {
+                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                    *o = bf16::from_f32(bf16::from_f32(silu_one(g.to_f32())).to_f32() * u.to_f32());
+                }
             })),
             _ => candle_core::bail!("swiglu: f32 or bf16 only"),
         };
@@ -280,18 +292,18 @@ fn half_shape(l: &Layout, h: usize, op: &str) -> candle_core::Result<Shape> {
     Ok(Shape::from(dims))
 }
 
-/// `f(i, first[i], second[i])` for the two halves of every row of `2h` values, rows over the
-/// threads in tasks of ~16K outputs.
-fn halves<T: Copy + Default + Send + Sync>(x: &[T], h: usize, f: impl Fn(usize, T, T) -> T + Sync) -> Vec<T> {
+/// `row(out, first, second)` for the two halves of every row of `2h` values (`out` the row's
+/// `h` outputs), rows over the threads in tasks of ~16K outputs. The callers' loops take whole
+/// rows, so each one vectorises (a closure per value did not: SiLU went from 1.6% to 7% of a
+/// speech encode).
+fn halves<T: Copy + Default + Send + Sync>(x: &[T], h: usize, row: impl Fn(&mut [T], &[T], &[T]) + Sync) -> Vec<T> {
     let rows = x.len() / (2 * h);
     let mut out = vec![T::default(); rows * h];
     let per_task = (1 << 14) / h + 1;
     out.par_chunks_mut(per_task * h).zip(x.par_chunks(per_task * 2 * h)).for_each(|(o, x)| {
         for (o, x) in o.chunks_mut(h).zip(x.chunks(2 * h)) {
             let (a, b) = x.split_at(h);
-            for (i, ((o, &a), &b)) in o.iter_mut().zip(a).zip(b).enumerate() {
-                *o = f(i, a, b);
-            }
+            row(o, a, b);
         }
     });
     out
