@@ -138,10 +138,10 @@ impl Attention {
     }
 }
 
-/// Whether prefill attention on `device` runs on the fused causal kernel (the CPU with
-/// AVX-512F; elsewhere the portable matmul path, whose score matrix bounds the chunk size).
+/// Whether prefill attention on `device` runs on the fused causal kernel (it computes in f32,
+/// as the portable matmul path does, whose score matrix bounds the chunk size).
 fn causal_kernel(device: &Device) -> bool {
-    device.is_cpu() && crate::kernels::attention::available()
+    crate::kernels::attention::takes(device, DType::F32)
 }
 
 /// `[n, L]` additive mask: query `i` (position `start+i`) sees keys `0..=start+i`.
