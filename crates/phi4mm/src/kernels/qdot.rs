@@ -160,6 +160,7 @@ pub(crate) mod x86 {
     use half::f16;
 
     use super::{blocks_scalar, XRow};
+    use crate::kernels::{prefetch, PREFETCH_AHEAD};
     use crate::quant::{QType, BLOCK, GROUP};
 
     /// Runs of 16 blocks: `chunks(g, a)` accumulates run `g`'s block sums into the two
@@ -172,7 +173,9 @@ pub(crate) mod x86 {
         let mut acc = _mm512_setzero_ps();
         let mut corr = _mm512_setzero_ps();
         let mut b = 0;
+        let run_bytes = GROUP * qtype.block_bytes();
         while b + GROUP <= nb {
+            prefetch_run(w, d, b, run_bytes);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr().add(b).cast()));
             let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x.d.as_ptr().add(b)));
             corr = _mm512_fmadd_ps(dw, _mm512_loadu_ps(x.ds.as_ptr().add(b)), corr);
@@ -188,6 +191,17 @@ pub(crate) mod x86 {
         } else {
             total
         }
+    }
+
+    /// Prefetches the weights [`PREFETCH_AHEAD`] bytes past the run that starts at block `b`
+    /// (`run_bytes` long), and the scales as many blocks ahead.
+    #[inline(always)]
+    fn prefetch_run(w: &[u8], d: &[f16], b: usize, run_bytes: usize) {
+        let ahead = w.as_ptr().wrapping_add(b / GROUP * run_bytes + PREFETCH_AHEAD);
+        for line in (0..run_bytes).step_by(64) {
+            prefetch(ahead.wrapping_add(line));
+        }
+        prefetch(d.as_ptr().wrapping_add(b + PREFETCH_AHEAD * GROUP / run_bytes));
     }
 
     #[inline]
@@ -268,7 +282,9 @@ pub(crate) mod x86 {
         let mut acc = [_mm256_setzero_ps(); 2];
         let mut corr = _mm256_setzero_ps();
         let mut b = 0;
+        let run_bytes = GROUP * qtype.block_bytes();
         while b + GROUP <= nb {
+            prefetch_run(w, d, b, run_bytes);
             let mut a = [_mm256_setzero_si256(); 2];
             chunks(b / GROUP, &mut a);
             for (h, (acc, a)) in acc.iter_mut().zip(a).enumerate() {
