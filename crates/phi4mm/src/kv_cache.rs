@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use half::bf16;
 
 use crate::error::{Error, Result};
+use crate::kernels::attend::{attend, Buffer, Query};
 
 /// How keys and values are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -343,7 +344,7 @@ impl KvCache {
     /// Single-query attention over positions `0..len` of `layer`, reading the cache in place:
     /// `q` `[heads, head_dim]` (f32, heads grouped under KV heads in order) → `out`
     /// `[heads, head_dim]`. Softmax in f32; no mask (every cached position precedes the
-    /// query). Heads are split over the threads.
+    /// query). Tasks are KV heads × splits of the positions (`kernels::attend`).
     pub fn attend_into(
         &self,
         layer: usize,
@@ -360,12 +361,13 @@ impl KvCache {
         if len == 0 || len > self.capacity || q.len() != heads * self.head_dim || out.len() != q.len() {
             return Err(Error::Request("attention over the cache: inconsistent sizes".into()));
         }
-        let a = Attend { q, heads, len, scale, kv_heads: self.kv_heads, head_dim: self.head_dim, capacity: self.capacity };
-        let widen = |x: bf16| f32::from_bits((x.to_bits() as u32) << 16);
+        let a = Query { q, heads, kv_heads: self.kv_heads, head_dim: self.head_dim, capacity: self.capacity, len, scale };
         match (k, v) {
-            (Elems::F32(k), Elems::F32(v)) => a.run((k, None), (v, None), |x: f32| x, out),
-            (Elems::Bf16(k), Elems::Bf16(v)) => a.run((k, None), (v, None), widen, out),
-            (Elems::I8(k, ks), Elems::I8(v, vs)) => a.run((k, Some(ks)), (v, Some(vs)), |x: i8| x as f32, out),
+            (Elems::F32(k), Elems::F32(v)) => attend(&a, Buffer::plain(k), Buffer::plain(v), out),
+            (Elems::Bf16(k), Elems::Bf16(v)) => attend(&a, Buffer::plain(k), Buffer::plain(v), out),
+            (Elems::I8(k, ks), Elems::I8(v, vs)) => {
+                attend(&a, Buffer { elems: k, scales: Some(ks) }, Buffer { elems: v, scales: Some(vs) }, out)
+            }
             _ => return Err(Error::Request("KV cache keys and values differ in format".into())),
         }
         Ok(())
@@ -447,74 +449,6 @@ impl KvCache {
         self.len = len;
     }
 }
-
-thread_local! {
-    /// One head's attention scores (per thread, reused from call to call).
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// One single-query attention over a layer's host buffers.
-struct Attend<'a> {
-    q: &'a [f32],
-    heads: usize,
-    len: usize,
-    scale: f32,
-    kv_heads: usize,
-    head_dim: usize,
-    capacity: usize,
-}
-
-impl Attend<'_> {
-    /// Over keys and values of element type `T` (`to_f32` widens one; optional per-slot
-    /// scales for the 8-bit cache), heads split over the threads.
-    fn run<T: Copy + Sync>(
-        &self,
-        (k, ks): (&[T], Option<&Vec<f32>>),
-        (v, vs): (&[T], Option<&Vec<f32>>),
-        to_f32: impl Fn(T) -> f32 + Sync,
-        out: &mut [f32],
-    ) {
-        let (d, cap, len) = (self.head_dim, self.capacity, self.len);
-        let group = (self.heads / self.kv_heads.max(1)).max(1);
-        crate::kernels::team::parallel_chunks(out, d, |h, o| SCORES.with(|sc| {
-            let mut sc = sc.borrow_mut();
-            sc.resize(len, 0.0);
-            let sc = &mut sc[..];
-            let kv = h / group;
-            let qh = &self.q[h * d..(h + 1) * d];
-            for (p, s) in sc.iter_mut().enumerate() {
-                let at = kv * cap + p;
-                let row = &k[at * d..(at + 1) * d];
-                let mut acc = [0f32; 16];
-                for (qc, kc) in qh.chunks_exact(16).zip(row.chunks_exact(16)) {
-                    for i in 0..16 {
-                        acc[i] += qc[i] * to_f32(kc[i]);
-                    }
-                }
-                let mut dot: f32 = acc.iter().sum();
-                for i in d / 16 * 16..d {
-                    dot += qh[i] * to_f32(row[i]);
-                }
-                *s = dot * ks.map_or(1.0, |ks| ks[at]) * self.scale;
-            }
-            let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            o.fill(0.0);
-            for (p, &w) in sc.iter().enumerate() {
-                let at = kv * cap + p;
-                let f = w / sum * vs.map_or(1.0, |vs| vs[at]);
-                for (o, &x) in o.iter_mut().zip(&v[at * d..(at + 1) * d]) {
-                    *o += f * to_f32(x);
-                }
-            }
-        }));
-    }
-}
-
 
 #[cfg(test)]
 mod tests {

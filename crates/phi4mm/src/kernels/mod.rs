@@ -19,6 +19,7 @@
 //! output. Other dtypes and devices use the backend's own matmul. Threads come from rayon's
 //! one persistent pool (borrowed as a spinning team during a decode step).
 
+pub(crate) mod attend;
 pub mod attention;
 mod bf16dot;
 pub mod elementwise;
