@@ -121,8 +121,12 @@ pub(crate) fn attend<T: Widen>(a: &Query<'_>, k: Buffer<'_, T>, v: Buffer<'_, T>
     let per = a.len.div_ceil(splits);
     // Per task and head: max, sum, then head_dim partial output values.
     let part = d + 2;
-    PARTS.with(|parts| {
-        let mut parts = parts.borrow_mut();
+    PARTS.with(|cell| {
+        // A call nested on this thread (rayon may run another job here while it waits) gets
+        // its own buffer instead of a borrow panic.
+        let mut own = Vec::new();
+        let mut held = cell.try_borrow_mut().ok();
+        let parts = held.as_deref_mut().unwrap_or(&mut own);
         parts.resize(head_sets * splits * g * part, 0.0);
         team::parallel_chunks(&mut parts[..], g * part, |t, chunk| {
             let (set, split) = (t / splits, t % splits);
@@ -168,21 +172,23 @@ impl<T: Widen> Task<'_, T> {
     /// Writes per head `[max, Σ e^(s−max), Σ e^(s−max)·v …]` into `out`, on the widest SIMD
     /// the CPU has.
     fn run<const G: usize>(&self, out: &mut [f32]) {
-        SCORES.with(|sc| {
-            let mut sc = sc.borrow_mut();
+        SCORES.with(|cell| {
+            let mut own = Vec::new();
+            let mut held = cell.try_borrow_mut().ok();
+            let sc = held.as_deref_mut().unwrap_or(&mut own);
             sc.resize(G * self.keys.len(), 0.0);
             #[cfg(target_arch = "x86_64")]
             {
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the feature was just detected.
-                    return unsafe { self.avx512::<G>(&mut sc, out) };
+                    return unsafe { self.avx512::<G>(sc, out) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the features were just detected.
-                    return unsafe { self.avx2::<G>(&mut sc, out) };
+                    return unsafe { self.avx2::<G>(sc, out) };
                 }
             }
-            self.lanes::<G, false>(&mut sc, out)
+            self.lanes::<G, false>(sc, out)
         })
     }
 
