@@ -168,7 +168,22 @@ struct Task<'a, T> {
     keys: std::ops::Range<usize>,
 }
 
-impl<T: Widen> Task<'_, T> {
+impl<'a, T: Widen> Task<'a, T> {
+    /// Position `p`'s row of `buf` (prefetching the rows ahead of it) and its scale (1 for a
+    /// dense buffer).
+    #[inline(always)]
+    fn slot(&self, buf: Buffer<'a, T>, p: usize) -> (&'a [T], f32) {
+        let d = self.a.head_dim;
+        let at = self.kv * self.a.capacity + p;
+        let row = &buf.elems[at * d..(at + 1) * d];
+        prefetch_row(row);
+        let scale = match buf.scales {
+            Some(s) => s[at],
+            None => 1.0,
+        };
+        (row, scale)
+    }
+
     /// Writes per head `[max, Σ e^(s−max), Σ e^(s−max)·v …]` into `out`, on the widest SIMD
     /// the CPU has.
     fn run<const G: usize>(&self, out: &mut [f32]) {
@@ -199,9 +214,7 @@ impl<T: Widen> Task<'_, T> {
         let (n, tail, part) = (self.keys.len(), d / 16 * 16, d + 2);
         let q = &a.q[self.head0 * d..(self.head0 + G) * d];
         for (i, p) in self.keys.clone().enumerate() {
-            let at = self.kv * a.capacity + p;
-            let row = &self.k.elems[at * d..(at + 1) * d];
-            prefetch_row(row);
+            let (row, ks) = self.slot(self.k, p);
             let mut acc = [_mm512_setzero_ps(); G];
             for c in (0..tail).step_by(16) {
                 let kv = T::load16(row.as_ptr().add(c));
@@ -209,7 +222,7 @@ impl<T: Widen> Task<'_, T> {
                     *acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(j * d + c)), kv, *acc);
                 }
             }
-            let s = a.scale * self.k.scales.map_or(1.0, |ks| ks[at]);
+            let s = a.scale * ks;
             for (j, acc) in acc.iter().enumerate() {
                 let mut dot = _mm512_reduce_add_ps(*acc);
                 for t in tail..d {
@@ -223,11 +236,11 @@ impl<T: Widen> Task<'_, T> {
             return self.values_in_registers::<G>(sc, out);
         }
         for (i, p) in self.keys.clone().enumerate() {
-            let at = self.kv * a.capacity + p;
-            let row = &self.v.elems[at * d..(at + 1) * d];
-            prefetch_row(row);
-            let vs = self.v.scales.map_or(1.0, |s| s[at]);
-            let f: [__m512; G] = std::array::from_fn(|j| _mm512_set1_ps(sc[j * n + i] * vs));
+            let (row, vs) = self.slot(self.v, p);
+            let mut f = [_mm512_setzero_ps(); G];
+            for (j, f) in f.iter_mut().enumerate() {
+                *f = _mm512_set1_ps(sc[j * n + i] * vs);
+            }
             for c in (0..tail).step_by(16) {
                 let vv = T::load16(row.as_ptr().add(c));
                 for (j, f) in f.iter().enumerate() {
@@ -249,13 +262,10 @@ impl<T: Widen> Task<'_, T> {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn values_in_registers<const G: usize>(&self, sc: &[f32], out: &mut [f32]) {
-        let (a, n) = (self.a, self.keys.len());
+        let n = self.keys.len();
         let mut acc = [[_mm512_setzero_ps(); 8]; G];
         for (i, p) in self.keys.clone().enumerate() {
-            let at = self.kv * a.capacity + p;
-            let row = &self.v.elems[at * 128..(at + 1) * 128];
-            prefetch_row(row);
-            let vs = self.v.scales.map_or(1.0, |s| s[at]);
+            let (row, vs) = self.slot(self.v, p);
             let mut f = [_mm512_setzero_ps(); G];
             for (j, f) in f.iter_mut().enumerate() {
                 *f = _mm512_set1_ps(sc[j * n + i] * vs);
@@ -315,13 +325,8 @@ impl<T: Widen> Task<'_, T> {
         // Scores: sc[j·n + i] for head j and the i-th key (zipped 16-value chunks, so the
         // compiler sees no bounds to check and vectorises).
         for (i, p) in self.keys.clone().enumerate() {
-            let at = self.kv * a.capacity + p;
-            let row = &self.k.elems[at * d..(at + 1) * d];
-            prefetch_row(row);
-            let s = a.scale * match self.k.scales {
-                Some(ks) => ks[at],
-                None => 1.0,
-            };
+            let (row, ks) = self.slot(self.k, p);
+            let s = a.scale * ks;
             for (j, qh) in q.chunks_exact(d).enumerate() {
                 let mut acc = [0f32; 16];
                 for (qc, kc) in qh.chunks_exact(16).zip(row.chunks_exact(16)) {
@@ -338,13 +343,7 @@ impl<T: Widen> Task<'_, T> {
         }
         self.softmax_partials::<G>(sc, out);
         for (i, p) in self.keys.clone().enumerate() {
-            let at = self.kv * a.capacity + p;
-            let row = &self.v.elems[at * d..(at + 1) * d];
-            prefetch_row(row);
-            let vs = match self.v.scales {
-                Some(vs) => vs[at],
-                None => 1.0,
-            };
+            let (row, vs) = self.slot(self.v, p);
             for (j, o) in out.chunks_exact_mut(part).take(G).enumerate() {
                 let f = sc[j * n + i] * vs;
                 let o = &mut o[2..];
