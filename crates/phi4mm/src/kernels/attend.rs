@@ -211,7 +211,7 @@ impl<'a, T: Widen> Task<'a, T> {
     #[target_feature(enable = "avx512f")]
     unsafe fn avx512<const G: usize>(&self, sc: &mut [f32], out: &mut [f32]) {
         let (a, d) = (self.a, self.a.head_dim);
-        let (n, tail, part) = (self.keys.len(), d / 16 * 16, d + 2);
+        let (n, tail) = (self.keys.len(), d / 16 * 16);
         let q = &a.q[self.head0 * d..(self.head0 + G) * d];
         for (i, p) in self.keys.clone().enumerate() {
             let (row, ks) = self.slot(self.k, p);
@@ -233,26 +233,9 @@ impl<'a, T: Widen> Task<'a, T> {
         }
         self.softmax_partials::<G>(sc, out);
         if d == 128 && G <= 3 {
-            return self.values_in_registers::<G>(sc, out);
-        }
-        for (i, p) in self.keys.clone().enumerate() {
-            let (row, vs) = self.slot(self.v, p);
-            let mut f = [_mm512_setzero_ps(); G];
-            for (j, f) in f.iter_mut().enumerate() {
-                *f = _mm512_set1_ps(sc[j * n + i] * vs);
-            }
-            for c in (0..tail).step_by(16) {
-                let vv = T::load16(row.as_ptr().add(c));
-                for (j, f) in f.iter().enumerate() {
-                    let o = out.as_mut_ptr().add(j * part + 2 + c);
-                    _mm512_storeu_ps(o, _mm512_fmadd_ps(*f, vv, _mm512_loadu_ps(o)));
-                }
-            }
-            for t in tail..d {
-                for j in 0..G {
-                    out[j * part + 2 + t] += sc[j * n + i] * vs * row[t].widen();
-                }
-            }
+            self.values_in_registers::<G>(sc, out)
+        } else {
+            self.values_lanes::<G, true>(sc, out)
         }
     }
 
@@ -301,11 +284,11 @@ impl<'a, T: Widen> Task<'a, T> {
             for &x in s.iter() {
                 max = max.max(x);
             }
-            let mut sum = 0f32;
+            // The exps in a loop of their own, so it vectorises; the sum in order after it.
             for x in s.iter_mut() {
                 *x = exp(*x - max);
-                sum += *x;
             }
+            let sum: f32 = s.iter().sum();
             let o = &mut out[j * part..(j + 1) * part];
             o[0] = max;
             o[1] = sum;
@@ -313,14 +296,15 @@ impl<'a, T: Widen> Task<'a, T> {
         }
     }
 
-    /// The body, over 16 independent lanes, with `sc` (`G·keys` long) for the scores; `FMA`:
-    /// fused multiply-adds (only where the CPU has them: elsewhere `mul_add` is a libm call).
-    /// No closures here: one the compiler did not inline would be built without the caller's
-    /// target features (it made the loops scalar and `mul_add` a libm call: 8× slower).
+    /// The portable body (also AVX2's), over 16 independent lanes, with `sc` (`G·keys` long)
+    /// for the scores; `FMA`: fused multiply-adds (only where the CPU has them: elsewhere
+    /// `mul_add` is a libm call). No closures in these loops: one the compiler did not inline
+    /// would be built without the caller's target features (it made the loops scalar and
+    /// `mul_add` a libm call: 8× slower).
     #[inline(always)]
     fn lanes<const G: usize, const FMA: bool>(&self, sc: &mut [f32], out: &mut [f32]) {
         let (a, d) = (self.a, self.a.head_dim);
-        let (n, tail, part) = (self.keys.len(), d / 16 * 16, d + 2);
+        let (n, tail) = (self.keys.len(), d / 16 * 16);
         let q = &a.q[self.head0 * d..(self.head0 + G) * d];
         // Scores: sc[j·n + i] for head j and the i-th key (zipped 16-value chunks, so the
         // compiler sees no bounds to check and vectorises).
@@ -342,6 +326,15 @@ impl<'a, T: Widen> Task<'a, T> {
             }
         }
         self.softmax_partials::<G>(sc, out);
+        self.values_lanes::<G, FMA>(sc, out);
+    }
+
+    /// `Σ e^(s−max)·v` per head into `out` (started by [`Task::softmax_partials`]), over 16
+    /// independent lanes.
+    #[inline(always)]
+    fn values_lanes<const G: usize, const FMA: bool>(&self, sc: &[f32], out: &mut [f32]) {
+        let d = self.a.head_dim;
+        let (n, tail, part) = (self.keys.len(), d / 16 * 16, d + 2);
         for (i, p) in self.keys.clone().enumerate() {
             let (row, vs) = self.slot(self.v, p);
             for (j, o) in out.chunks_exact_mut(part).take(G).enumerate() {
