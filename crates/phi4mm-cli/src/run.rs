@@ -57,6 +57,15 @@ pub struct GenArgs {
     pub top_k: usize,
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// Drop tokens below this fraction of the best one's probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// OpenAI's presence penalty (-2..2) over the generated tokens.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty (-2..2) over the generated tokens.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop when this text appears (repeatable); it is not included in the output.
@@ -78,6 +87,10 @@ impl GenArgs {
             top_p: self.top_p,
             top_k: self.top_k,
             repetition_penalty: self.repetition_penalty,
+            min_p: self.min_p,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: Vec::new(),
             seed: self.seed,
         };
         req.max_new_tokens = self.max_new_tokens;

@@ -7,6 +7,8 @@
 
 mod step;
 
+pub use step::DecodeRow;
+
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::ModelConfig;
@@ -359,6 +361,15 @@ impl Decoder {
         Ok(())
     }
 
+    /// Bytes one position of a sequence takes in the KV cache (every layer, keys and values).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let per_vector = match self.kv_format {
+            KvFormat::Q8 => self.head_dim + 4,
+            KvFormat::Dense => self.head_dim * self.dtype.size_in_bytes(),
+        };
+        2 * self.layers.len() * self.kv_heads * per_vector
+    }
+
     /// An empty KV cache with room for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         KvCache::with_format(
@@ -383,6 +394,21 @@ impl Decoder {
         embeds: &Tensor,
         cache: &mut KvCache,
         adapter: Option<Adapter>,
+        taps: Option<&mut Taps>,
+    ) -> Result<Tensor> {
+        let long = self.rope.is_long(cache.len() + embeds.dim(0)?);
+        self.forward_as(embeds, cache, adapter, long, taps)
+    }
+
+    /// [`Decoder::forward`] in the given LongRoPE mode: a piece of a prompt prefilled in
+    /// chunks takes the mode of the whole prompt (the reference decides it from the length of
+    /// the sequence it prefills).
+    pub fn forward_as(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        adapter: Option<Adapter>,
+        long: bool,
         mut taps: Option<&mut Taps>,
     ) -> Result<Tensor> {
         let n = embeds.dim(0)?;
@@ -398,7 +424,6 @@ impl Decoder {
                 )));
             }
         }
-        let long = self.rope.is_long(start + n);
         if start == 0 {
             cache.reset(long);
         } else if long != cache.is_long() {

@@ -5,7 +5,6 @@
 //! long factors (spec §2.5).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -15,7 +14,6 @@ use crate::audio_io::{decode_audio, load_audio, AudioLimits};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::resample::to_model_rate;
 use crate::decoder::Decoder;
-use crate::detok::{StopMatcher, StreamDecoder};
 use crate::error::{Error, Result};
 use crate::encoder_config::VisionConfig;
 use crate::hub::ModelFiles;
@@ -25,7 +23,7 @@ use crate::vision::VisionEncoder;
 use crate::prompt::{self, Mode};
 use crate::kv_cache::KvFormat;
 use crate::quant::QType;
-use crate::sampler::{self, Sampler};
+use crate::scheduler::{Event, Scheduler, SchedulerOptions};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{ProgressFn, Weights};
 
@@ -36,9 +34,6 @@ pub use crate::request::{
 
 /// Called with (windows encoded, windows in total) while long audio is encoded.
 pub type EncodeProgress = Box<dyn Fn(usize, usize) + Send + Sync>;
-
-/// Positions the KV cache reserves beyond the prompt before it has to grow.
-const CACHE_STEP: usize = 512;
 
 /// How to load a model.
 pub struct LoadOptions {
@@ -175,6 +170,11 @@ impl Engine {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// `generation_config.json` (end-of-sequence ids).
+    pub fn generation_config(&self) -> &GenerationConfig {
+        &self.gen_config
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -327,13 +327,34 @@ impl Engine {
         self.generate_prepared(&prepared, req, on_step)
     }
 
-    /// Generation from already prepared ids.
+    /// Generation from already prepared ids: the [`Scheduler`] with this one request (one
+    /// code path for one request and many), its prompt prefilled in one piece.
     pub fn generate_prepared(
         &self,
         prepared: &Prepared,
         req: &GenerateRequest,
         mut on_step: impl FnMut(&Step) -> bool,
     ) -> Result<Completion> {
+        let mut req = req.clone();
+        req.return_logits = true;
+        let opts = SchedulerOptions { max_batch: 1, max_queue: 1, kv_budget: usize::MAX, prefill_chunk: usize::MAX };
+        let mut sched = Scheduler::new(self, opts);
+        let id = sched.submit_prepared(req, prepared.clone())?;
+        sched.run_to_end(id, |e| match e {
+            Event::Token { token, text, logits, .. } => on_step(&Step {
+                id: token.id,
+                text,
+                logprob: token.logprob,
+                top: &token.top,
+                logits: logits.as_deref().unwrap_or(&[]),
+            }),
+            _ => true,
+        })
+    }
+
+    /// Rejects an empty prompt, no room to generate, or a prompt + generation longer than the
+    /// context.
+    pub fn check_lengths(&self, prepared: &Prepared, req: &GenerateRequest) -> Result<()> {
         let ids = &prepared.ids;
         if ids.is_empty() {
             return Err(Error::Request("the prompt is empty".into()));
@@ -351,143 +372,61 @@ impl Engine {
                 self.max_context()
             )));
         }
-        let mut sampler = Sampler::new(req.sampling.clone())?;
-        let adapter = prepared.mode.adapter();
-        let dec = &self.decoder;
-
-        let t0 = Instant::now();
-        let prompt_emb = self.embed_prompt(prepared)?; // [n, hidden]
-        let limit = ids.len() + max_new;
-        let mut cache = dec.new_cache(limit.min(ids.len() + CACHE_STEP))?;
-        let mut h = dec.forward(&prompt_emb, &mut cache, adapter, None)?;
-        let mut logits = dec.logits(&h)?;
-        let prefill_s = t0.elapsed().as_secs_f64();
-
-        let t1 = Instant::now();
-        let mut history = ids.clone();
-        let mut tokens = Vec::new();
-        let mut infos = Vec::new();
-        let mut text = String::new();
-        let mut detok = StreamDecoder::new(&self.tokenizer);
-        let mut stops = StopMatcher::new(req.stop.clone());
-        let mut finish = FinishReason::Length;
-        loop {
-            let id = sampler.sample(&logits, &history);
-            let (lp, top) = sampler::logprobs(&logits, id, req.top_logprobs);
-            tokens.push(id);
-            history.push(id);
-            let is_eos = !req.ignore_eos && self.gen_config.eos_token_id.contains(&id);
-            let (piece, hit_stop) = if is_eos {
-                (String::new(), false)
-            } else {
-                stops.push(&detok.push(id)?)
-            };
-            text.push_str(&piece);
-            let keep_going = on_step(&Step {
-                id,
-                text: &piece,
-                logprob: lp,
-                top: &top,
-                logits: &logits,
-            });
-            infos.push(TokenInfo { id, logprob: lp, top });
-            if is_eos || hit_stop {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if tokens.len() >= max_new || !keep_going {
-                break;
-            }
-            cache.reserve(ids.len() + tokens.len(), limit)?;
-            h = self.step(&prompt_emb, &tokens, &mut cache, adapter)?;
-            logits = dec.logits(&h)?;
-        }
-        if finish == FinishReason::Length {
-            let (tail, _) = stops.push(&detok.finish()?);
-            text.push_str(&tail);
-            text.push_str(&stops.finish());
-        }
-        let decode_s = t1.elapsed().as_secs_f64();
-        let decode_tokens = tokens.len().saturating_sub(1);
-        Ok(Completion {
-            text,
-            prompt_tokens: ids.clone(),
-            tokens,
-            logprobs: infos,
-            finish_reason: finish,
-            mode: prepared.mode,
-            timings: Timings {
-                prefill_tokens: ids.len(),
-                prefill_s,
-                decode_tokens,
-                decode_s,
-                prefill_tok_s: ids.len() as f64 / prefill_s.max(1e-9),
-                decode_tok_s: decode_tokens as f64 / decode_s.max(1e-9),
-            },
-        })
+        Ok(())
     }
 
     /// Token embeddings of the prompt with the media features written over the placeholder
     /// rows (spec §6.4).
     pub fn embed_prompt(&self, prepared: &Prepared) -> Result<Tensor> {
-        let ids = &prepared.ids;
-        let mut emb = self.decoder.embed(ids)?;
-        if !prepared.audios.is_empty() {
-            let audio = self
-                .audio
-                .as_ref()
-                .ok_or_else(|| Error::Unsupported("no audio encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
-            let which = if prepared.mode == Mode::VisionSpeech { Projector::Vision } else { Projector::Speech };
-            let progress = self.encode_progress.as_ref().map(|f| f.as_ref() as &dyn Fn(usize, usize));
-            let encoded = audio.encode(&prepared.audios, progress)?;
-            let feats: Vec<Tensor> =
-                encoded.iter().map(|e| audio.project(e, which)).collect::<Result<_>>()?;
-            let feats = Tensor::cat(&feats, 0)?.to_dtype(emb.dtype())?;
-            emb = scatter_rows(&emb, ids, prompt::AUDIO_TOKEN_ID, &feats)?;
+        let progress = self.encode_progress.as_ref().map(|f| f.as_ref() as &dyn Fn(usize, usize));
+        let audio = self.encode_audios(prepared, progress)?;
+        let images = prepared.images.iter().map(|img| self.encode_image(img)).collect::<Result<Vec<_>>>()?;
+        self.merge_media(prepared, audio.as_ref(), &images)
+    }
+
+    /// The projected features of every audio of the request, encoded together as the
+    /// reference batches them (`None` without audio); `progress` gets (windows done, total).
+    pub fn encode_audios(&self, prepared: &Prepared, progress: Option<&dyn Fn(usize, usize)>) -> Result<Option<Tensor>> {
+        if prepared.audios.is_empty() {
+            return Ok(None);
         }
-        if prepared.images.is_empty() {
-            return Ok(emb);
-        }
+        let audio = self
+            .audio
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("no audio encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
+        let which = if prepared.mode == Mode::VisionSpeech { Projector::Vision } else { Projector::Speech };
+        let encoded = audio.encode(&prepared.audios, progress)?;
+        let feats: Vec<Tensor> = encoded.iter().map(|e| audio.project(e, which)).collect::<Result<_>>()?;
+        Ok(Some(Tensor::cat(&feats, 0)?))
+    }
+
+    /// The projected features of one prepared image.
+    pub fn encode_image(&self, img: &PreparedImage) -> Result<Tensor> {
         let vision = self
             .vision
             .as_ref()
             .ok_or_else(|| Error::Unsupported("no image encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
-        let feats: Vec<Tensor> = prepared
-            .images
-            .iter()
-            .map(|img| vision.encode(img))
-            .collect::<Result<_>>()?;
-        let feats = Tensor::cat(&feats, 0)?.to_dtype(emb.dtype())?;
+        vision.encode(img)
+    }
+
+    /// The prompt's token embeddings with the audio features and then each image's features
+    /// written over their placeholder rows.
+    pub fn merge_media(&self, prepared: &Prepared, audio: Option<&Tensor>, images: &[Tensor]) -> Result<Tensor> {
+        let ids = &prepared.ids;
+        let mut emb = self.decoder.embed(ids)?;
+        if let Some(feats) = audio {
+            emb = scatter_rows(&emb, ids, prompt::AUDIO_TOKEN_ID, &feats.to_dtype(emb.dtype())?)?;
+        }
+        if images.is_empty() {
+            return Ok(emb);
+        }
+        let feats = Tensor::cat(images, 0)?.to_dtype(emb.dtype())?;
         scatter_rows(&emb, ids, prompt::IMAGE_TOKEN_ID, &feats)
     }
 
     /// The image encoder, if the checkpoint has one.
     pub fn vision(&self) -> Option<&VisionEncoder> {
         self.vision.as_ref()
-    }
-
-    /// Feeds the last generated token. When the sequence first grows past the LongRoPE
-    /// threshold, the cache (short-factor keys) is dropped and the whole sequence — prompt
-    /// embeddings, media rows included, plus generated tokens — is re-prefilled with the long
-    /// factors, exactly once.
-    fn step(
-        &self,
-        prompt_emb: &Tensor,
-        generated: &[u32],
-        cache: &mut crate::kv_cache::KvCache,
-        adapter: Option<crate::lora::Adapter>,
-    ) -> Result<Tensor> {
-        let dec = &self.decoder;
-        let total = prompt_emb.dim(0)? + generated.len();
-        if !cache.is_long() && dec.rope().is_long(total) {
-            tracing::debug!(total, "sequence crossed the LongRoPE threshold: re-prefilling");
-            let gen_emb = dec.embed(generated)?;
-            let all = Tensor::cat(&[prompt_emb, &gen_emb], 0)?;
-            cache.reset(true);
-            return dec.forward(&all, cache, adapter, None);
-        }
-        let last = generated.len() - 1;
-        dec.forward(&dec.embed(&generated[last..])?, cache, adapter, None)
     }
 }
 

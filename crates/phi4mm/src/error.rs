@@ -74,6 +74,10 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
+    /// The scheduler's queue of waiting requests is full (a server answers 503).
+    #[error("the server is busy: {0} requests are already waiting; retry later")]
+    QueueFull(usize),
+
     /// An error from the tensor backend.
     #[error("tensor backend: {0}")]
     Candle(#[from] candle_core::Error),

@@ -29,6 +29,7 @@ pub mod request;
 pub mod resample;
 pub mod rope;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;
@@ -40,6 +41,7 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use prompt::Mode;
 pub use sampler::SamplingParams;
+pub use scheduler::{Event, RequestId, Scheduler, SchedulerOptions};
 pub use tokenizer::Message;
 
 /// Worker threads the CPU backend uses (`RAYON_NUM_THREADS`, else one per physical core).

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
+use crate::kernels::batch::BatchScratch;
 use crate::kernels::{Matrix, VecScratch};
 use crate::quant::{Act, QType};
 use crate::weights::Scope;
@@ -147,6 +148,47 @@ impl LoraLinear {
         }
         Ok(())
     }
+
+    /// [`LoraLinear::matvec`] for `b` rows at once, row `i` with `adapters[i]`: the base weight
+    /// read once for all rows, each adapter's pair once for the rows that use it (rows of
+    /// other modes skip it). Row `i` of `y` equals [`LoraLinear::matvec`] of row `i`.
+    pub fn matmat<A: Act>(&self, x: &[f32], adapters: &[Option<Adapter>], y: &mut [f32], s: &mut LoraBatch) -> Result<()> {
+        let rd = A::round;
+        let (b, (out, k)) = (adapters.len(), self.base.dims()?);
+        self.base.matmat(x, b, y, &mut s.batch)?;
+        y.iter_mut().for_each(|v| *v = rd(*v));
+        for adapter in [Adapter::Vision, Adapter::Speech] {
+            let rows: Vec<usize> = (0..b).filter(|&i| adapters[i] == Some(adapter)).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let pair = self.pair(adapter)?;
+            let r = pair.a.dims()?.0;
+            s.x.clear();
+            rows.iter().for_each(|&i| s.x.extend_from_slice(&x[i * k..(i + 1) * k]));
+            s.low.resize(rows.len() * r, 0.0);
+            pair.a.matmat(&s.x, rows.len(), &mut s.low, &mut s.batch)?;
+            s.low.iter_mut().for_each(|v| *v = rd(*v));
+            s.delta.resize(rows.len() * out, 0.0);
+            pair.b.matmat(&s.low, rows.len(), &mut s.delta, &mut s.batch)?;
+            let scale = rd(pair.scale as f32);
+            for (&i, d) in rows.iter().zip(s.delta.chunks(out)) {
+                for (y, &d) in y[i * out..(i + 1) * out].iter_mut().zip(d) {
+                    *y = rd(*y + rd(rd(d) * scale));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Working space for [`LoraLinear::matmat`].
+#[derive(Debug, Default)]
+pub struct LoraBatch {
+    x: Vec<f32>,
+    low: Vec<f32>,
+    delta: Vec<f32>,
+    batch: BatchScratch,
 }
 
 /// Working space for [`LoraLinear::matvec`].

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::audio_features::LogMel;
 use crate::image_prep::PreparedImage;
 use crate::prompt::Mode;
-use crate::sampler::{SamplingParams, TokenLogprob};
+use crate::sampler::{MaskHook, SamplingParams, TokenLogprob};
 use crate::tokenizer::Message;
 
 /// The prompt of a request.
@@ -41,6 +41,10 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Most crops per image (default: `dynamic_hd` of preprocessor_config.json, 36).
     pub max_crops: Option<usize>,
+    /// Restricts each next token (a grammar); see [`crate::sampler::TokenMask`].
+    pub mask: Option<MaskHook>,
+    /// Hand the raw logits of every token to the caller (parity checks; 4 bytes × vocab each).
+    pub return_logits: bool,
 }
 
 impl GenerateRequest {
@@ -56,6 +60,8 @@ impl GenerateRequest {
             top_logprobs: 0,
             ignore_eos: false,
             max_crops: None,
+            mask: None,
+            return_logits: false,
         }
     }
 }

@@ -1,6 +1,11 @@
 //! Picking the next token from logits: greedy by default (the generation config has no
-//! sampling settings), or seeded sampling with repetition penalty, temperature, top-k and top-p
-//! applied in that order (transformers' order). Also the per-token log-probabilities.
+//! sampling settings), or seeded sampling. The logits are adjusted in this order: the allowed
+//! token mask (a grammar's), the repetition penalty (transformers' rule, over prompt and
+//! output), the presence and frequency penalties (OpenAI's rule, over the output only), the
+//! logit bias; then temperature, top-k, top-p and min-p (transformers' order of warpers).
+//! Also the per-token log-probabilities (of the raw logits).
+
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -18,6 +23,14 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// > 1 discourages tokens already in the sequence; 1 disables it.
     pub repetition_penalty: f32,
+    /// Drop tokens whose probability is below `min_p` × the best one's; 0 disables it.
+    pub min_p: f32,
+    /// Subtracted once from the logit of every token already generated (-2..2).
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every generated token (-2..2).
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens (-100..100; -100 bans a token).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -28,6 +41,10 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             repetition_penalty: 1.0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -46,7 +63,36 @@ impl SamplingParams {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad("repetition_penalty must be a finite number > 0");
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::Request(format!("{name} must be between -2 and 2, got {v}")));
+            }
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(Error::Request(format!("logit_bias of token {t} must be between -100 and 100, got {b}")));
+        }
         Ok(())
+    }
+}
+
+/// A per-step restriction of the next token (a grammar's allowed set): called with the tokens
+/// generated so far, it sets `allowed[t] = false` for every token `t` that may not come next.
+/// Starts all-true each step. When it allows nothing, the sampler falls back to the raw logits
+/// (so a broken grammar cannot hang a request) and the caller is expected to end it.
+pub trait TokenMask: Send {
+    fn allowed(&mut self, generated: &[u32], allowed: &mut [bool]);
+}
+
+/// A shared [`TokenMask`] (requests are cloned; the mask's state is behind the mutex).
+#[derive(Clone)]
+pub struct MaskHook(pub Arc<std::sync::Mutex<dyn TokenMask>>);
+
+impl std::fmt::Debug for MaskHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MaskHook")
     }
 }
 
@@ -54,19 +100,55 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    mask: Option<MaskHook>,
+    allowed: Vec<bool>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng })
+        Ok(Sampler { params, rng, mask: None, allowed: Vec::new() })
     }
 
-    /// Picks a token from `logits`; `history` is every id so far (prompt and generated).
+    /// Restricts every step to the tokens `mask` allows.
+    pub fn with_mask(mut self, mask: Option<MaskHook>) -> Self {
+        self.mask = mask;
+        self
+    }
+
+    /// Picks a token from `logits`; `history` is every id so far (prompt and generated) and
+    /// its last `generated` ids are this request's output.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let p = &self.params;
+        self.sample_output(logits, history, 0)
+    }
+
+    /// [`Sampler::sample`] with the last `generated` ids of `history` the output so far (the
+    /// presence and frequency penalties and the mask see only those).
+    pub fn sample_output(&mut self, logits: &[f32], history: &[u32], generated: usize) -> u32 {
         let mut l = logits.to_vec();
+        let output = &history[history.len().saturating_sub(generated)..];
+        self.apply_mask(output, &mut l);
+        self.adjust(&mut l, history, output);
+        self.pick(l)
+    }
+
+    /// Sets the logits the mask forbids to -inf (unless it forbids everything).
+    fn apply_mask(&mut self, output: &[u32], l: &mut [f32]) {
+        let Some(mask) = &self.mask else { return };
+        self.allowed.clear();
+        self.allowed.resize(l.len(), true);
+        if let Ok(mut m) = mask.0.lock() {
+            m.allowed(output, &mut self.allowed);
+        }
+        if self.allowed.iter().any(|&a| a) {
+            l.iter_mut().zip(&self.allowed).filter(|(_, &a)| !a).for_each(|(x, _)| *x = f32::NEG_INFINITY);
+        }
+    }
+
+    /// Penalties and bias.
+    fn adjust(&self, l: &mut [f32], history: &[u32], output: &[u32]) {
+        let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
             for &t in history {
@@ -81,6 +163,25 @@ impl Sampler {
                 }
             }
         }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts = std::collections::BTreeMap::new();
+            output.iter().for_each(|&t| *counts.entry(t).or_insert(0u32) += 1);
+            for (t, c) in counts {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+    }
+
+    /// Greedy or seeded sampling from adjusted logits.
+    fn pick(&mut self, l: Vec<f32>) -> u32 {
+        let p = &self.params;
         if p.temperature == 0.0 {
             return argmax(&l);
         }
@@ -108,6 +209,15 @@ impl Sampler {
                     break;
                 }
             }
+            probs.truncate(keep);
+            idx.truncate(keep);
+            let s: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
+        if p.min_p > 0.0 {
+            // probs is sorted, best first: keep those ≥ min_p × the best (at least one).
+            let floor = probs[0] * p.min_p as f64;
+            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
             probs.truncate(keep);
             idx.truncate(keep);
             let s: f64 = probs.iter().sum();
@@ -226,6 +336,37 @@ mod tests {
         assert_eq!(top.iter().map(|t| t.id).collect::<Vec<_>>(), vec![2, 1]);
         let total: f32 = [0.0f32, 1.0, 2.0, -1.0].iter().map(|x| x.exp()).sum();
         assert!((lp - (1.0f32.exp() / total).ln()).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn presence_frequency_and_bias_follow_openai() -> crate::error::Result<()> {
+        // Output so far: token 0 twice: 3 − (0.5 + 2×0.6) = 1.3 falls below token 1's 1.5.
+        let p = SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.6, ..Default::default() };
+        let mut s = Sampler::new(p)?;
+        assert_eq!(s.sample_output(&[3.0, 1.5, 0.0], &[2, 0, 0], 2), 1);
+        // The same ids in the prompt only are not penalised.
+        assert_eq!(s.sample_output(&[3.0, 1.5, 0.0], &[0, 0, 2], 1), 0);
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(2, 5.0)], ..Default::default() })?;
+        assert_eq!(s.sample(&[3.0, 1.5, 0.0], &[]), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn min_p_and_the_mask_restrict_the_candidates() -> crate::error::Result<()> {
+        let logits = [2.0f32, 1.9, -5.0, 0.0];
+        let p = SamplingParams { temperature: 1.0, min_p: 0.5, seed: 3, ..Default::default() };
+        let mut s = Sampler::new(p)?;
+        assert!((0..100).all(|_| s.sample(&logits, &[]) < 2));
+        struct OnlyThree;
+        impl TokenMask for OnlyThree {
+            fn allowed(&mut self, _: &[u32], allowed: &mut [bool]) {
+                allowed.iter_mut().enumerate().for_each(|(i, a)| *a = i == 3);
+            }
+        }
+        let hook = MaskHook(Arc::new(std::sync::Mutex::new(OnlyThree)));
+        let mut s = Sampler::new(SamplingParams::default())?.with_mask(Some(hook));
+        assert_eq!(s.sample(&logits, &[]), 3);
         Ok(())
     }
 

@@ -21,6 +21,7 @@
 
 pub(crate) mod attend;
 pub mod attention;
+pub mod batch;
 mod bf16dot;
 pub mod elementwise;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]

@@ -1,0 +1,343 @@
+//! Many requests at once (continuous batching), without an async runtime: [`Scheduler::submit`]
+//! queues a request, [`Scheduler::step`] advances every admitted one and returns what
+//! happened as [`Event`]s, [`Scheduler::cancel`] ends one at the next step.
+//!
+//! A step is one decode step for every sequence that is generating — all modes together:
+//! each weight read once for the batch, each LoRA adapter once for the rows of its mode
+//! ([`Decoder::decode_batch`](crate::decoder::Decoder::decode_batch)) — followed by one piece
+//! of work for the oldest sequence still preparing: one image, the request's audio, or a chunk
+//! of at most `prefill_chunk` prompt rows. So a long prompt or a large image delays the
+//! running streams by one piece per token, not by its whole length. A sequence's numbers do
+//! not depend on the others in its step (batch invariance): the same request gives the same
+//! tokens and log-probabilities alone or in any batch, and [`Engine::generate`] is this
+//! scheduler with one request.
+//!
+//! Memory: every admitted sequence reserves its prompt plus `max_new_tokens` positions of a
+//! KV budget; a request waits in a bounded queue until that fits, and a full queue is
+//! [`Error::QueueFull`].
+
+mod seq;
+
+use std::collections::VecDeque;
+
+use crate::decoder::DecodeRow;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::request::{Completion, FinishReason, GenerateRequest, Prepared, TokenInfo};
+use seq::{Phase, Seq};
+
+/// A request's handle.
+pub type RequestId = u64;
+
+/// Positions each cache reserves beyond the prompt before it has to grow.
+const CACHE_STEP: usize = 512;
+
+/// How the scheduler batches.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Most sequences admitted at once (decoded together).
+    pub max_batch: usize,
+    /// Most requests waiting for admission; one more is [`Error::QueueFull`].
+    pub max_queue: usize,
+    /// KV positions all admitted sequences may reserve together.
+    pub kv_budget: usize,
+    /// Most prompt rows prefilled per step.
+    pub prefill_chunk: usize,
+}
+
+impl SchedulerOptions {
+    /// Defaults for `engine`: batches of 8, a queue of 64, chunks of 256 rows, and a KV
+    /// budget of half the memory available now (at least one full context).
+    pub fn for_engine(engine: &Engine) -> Self {
+        let per = engine.decoder().kv_bytes_per_position().max(1);
+        let half = available_memory().map_or(usize::MAX, |b| b / 2 / per);
+        SchedulerOptions { max_batch: 8, max_queue: 64, kv_budget: half.max(engine.max_context()), prefill_chunk: 256 }
+    }
+
+    /// A budget of `gib` GiB of KV cache, in positions of `engine`'s cache format.
+    pub fn kv_budget_gib(engine: &Engine, gib: f64) -> usize {
+        (gib * (1u64 << 30) as f64 / engine.decoder().kv_bytes_per_position().max(1) as f64) as usize
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (Linux).
+fn available_memory() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// What a prompt-progress event counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Images encoded.
+    Images,
+    /// Audio windows encoded (all audios of the request together).
+    Audio,
+    /// Prompt positions prefilled (after a LongRoPE crossing: the whole sequence again).
+    Prompt,
+}
+
+/// What a step did for one request.
+#[derive(Debug)]
+pub enum Event {
+    /// `done` of `total` units of `stage`.
+    Progress { id: RequestId, stage: Stage, done: usize, total: usize },
+    /// A generated token: `text` is the newly completed text (may be empty); `logits` (the raw
+    /// logits that produced it) only when the request asked for them.
+    Token { id: RequestId, token: TokenInfo, text: String, logits: Option<Vec<f32>> },
+    /// The request ended by an end-of-sequence id, a stop string or its length.
+    Done { id: RequestId, completion: Completion },
+    /// The request was cancelled; what it had generated (finish reason `length`).
+    Cancelled { id: RequestId, completion: Option<Completion> },
+    /// The request failed; the others go on.
+    Failed { id: RequestId, error: Error },
+}
+
+impl Event {
+    /// The request the event belongs to.
+    pub fn id(&self) -> RequestId {
+        match self {
+            Event::Progress { id, .. } | Event::Token { id, .. } | Event::Done { id, .. } => *id,
+            Event::Cancelled { id, .. } | Event::Failed { id, .. } => *id,
+        }
+    }
+}
+
+/// A queued request.
+struct Waiting {
+    id: RequestId,
+    req: GenerateRequest,
+    prepared: Prepared,
+    need: usize,
+}
+
+/// The batching scheduler over one loaded model.
+pub struct Scheduler<'e> {
+    engine: &'e Engine,
+    opts: SchedulerOptions,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Seq<'e>>,
+    cancelled: Vec<RequestId>,
+    reserved: usize,
+    next_id: RequestId,
+}
+
+impl<'e> Scheduler<'e> {
+    pub fn new(engine: &'e Engine, opts: SchedulerOptions) -> Self {
+        Scheduler { engine, opts, waiting: VecDeque::new(), running: Vec::new(), cancelled: Vec::new(), reserved: 0, next_id: 1 }
+    }
+
+    pub fn options(&self) -> &SchedulerOptions {
+        &self.opts
+    }
+
+    /// Validates and prepares (templates, tokenizes, decodes media) a request and queues it.
+    /// Errors name what is wrong with the request; a full queue is [`Error::QueueFull`].
+    pub fn submit(&mut self, req: GenerateRequest) -> Result<RequestId> {
+        if self.waiting.len() >= self.opts.max_queue {
+            return Err(Error::QueueFull(self.opts.max_queue));
+        }
+        let prepared = self.engine.prepare(&req)?;
+        self.submit_prepared(req, prepared)
+    }
+
+    /// [`Scheduler::submit`] of already prepared ids.
+    pub fn submit_prepared(&mut self, req: GenerateRequest, prepared: Prepared) -> Result<RequestId> {
+        if self.waiting.len() >= self.opts.max_queue {
+            return Err(Error::QueueFull(self.opts.max_queue));
+        }
+        self.engine.check_lengths(&prepared, &req)?;
+        req.sampling.validate()?;
+        let need = prepared.ids.len() + req.max_new_tokens;
+        if need > self.opts.kv_budget {
+            return Err(Error::Request(format!(
+                "the request needs {need} KV positions (prompt {} + max_new_tokens {}) but the KV budget is {}; \
+                 shorten it or raise the budget",
+                prepared.ids.len(),
+                req.max_new_tokens,
+                self.opts.kv_budget
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Waiting { id, req, prepared, need });
+        Ok(id)
+    }
+
+    /// Ends request `id` at the next step (its memory is freed then). False if unknown.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        let known = self.waiting.iter().any(|w| w.id == id) || self.running.iter().any(|s| s.id == id);
+        if known && !self.cancelled.contains(&id) {
+            self.cancelled.push(id);
+        }
+        known
+    }
+
+    /// Requests admitted (encoding, prefilling or generating).
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Requests waiting for admission.
+    pub fn queued(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether nothing is queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// KV positions reserved by the admitted sequences.
+    pub fn kv_reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// One scheduling step: cancellations, admissions, one decode step for every generating
+    /// sequence, one piece of preparation work. Returns the events, in order.
+    pub fn step(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        self.drop_cancelled(&mut events);
+        self.admit(&mut events);
+        self.decode(&mut events);
+        self.prepare_one(&mut events);
+        events
+    }
+
+    fn drop_cancelled(&mut self, events: &mut Vec<Event>) {
+        for id in std::mem::take(&mut self.cancelled) {
+            if let Some(i) = self.waiting.iter().position(|w| w.id == id) {
+                self.waiting.remove(i);
+                events.push(Event::Cancelled { id, completion: None });
+            } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let mut s = self.running.remove(i);
+                self.reserved -= s.reserved;
+                events.push(Event::Cancelled { id, completion: s.finish(FinishReason::Length).ok() });
+            }
+        }
+    }
+
+    /// Admits waiting requests in order while the batch and the KV budget have room.
+    fn admit(&mut self, events: &mut Vec<Event>) {
+        while self.running.len() < self.opts.max_batch {
+            let Some(w) = self.waiting.front() else { break };
+            if self.reserved + w.need > self.opts.kv_budget {
+                break;
+            }
+            let Some(w) = self.waiting.pop_front() else { break };
+            let cap = w.need.min(w.prepared.ids.len() + CACHE_STEP);
+            let seq = self
+                .engine
+                .decoder()
+                .new_cache(cap)
+                .and_then(|cache| Seq::new(self.engine, w.id, w.req, w.prepared, w.need, cache));
+            match seq {
+                Ok(s) => {
+                    self.reserved += s.reserved;
+                    self.running.push(s);
+                }
+                Err(error) => events.push(Event::Failed { id: w.id, error }),
+            }
+        }
+    }
+
+    /// One decode step for every sequence in the decode phase.
+    fn decode(&mut self, events: &mut Vec<Event>) {
+        let engine = self.engine;
+        let mut ready = Vec::new();
+        let mut failed = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.phase != Phase::Decode {
+                continue;
+            }
+            match s.prepare_step(engine) {
+                Ok(true) => ready.push(i),
+                Ok(false) => {}
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        let mut ended: Vec<usize> = Vec::new();
+        if !ready.is_empty() {
+            let mut rows = Vec::with_capacity(ready.len());
+            for (i, s) in self.running.iter_mut().enumerate() {
+                if let (true, Some(token)) = (ready.contains(&i), s.last_token()) {
+                    rows.push(DecodeRow { token, cache: &mut s.cache, adapter: s.prepared.mode.adapter() });
+                }
+            }
+            match engine.decoder().decode_batch(&mut rows) {
+                Ok(logits) => {
+                    for (&i, l) in ready.iter().zip(logits) {
+                        match self.running[i].take(engine, l, events) {
+                            Ok(true) => ended.push(i),
+                            Ok(false) => {}
+                            Err(e) => failed.push((i, e)),
+                        }
+                    }
+                }
+                // A failed batched step fails the whole batch (no sequence is left half-stepped).
+                Err(e) => ready.iter().for_each(|&i| failed.push((i, Error::Request(format!("decode step failed: {e}"))))),
+            }
+        }
+        self.retire(ended, failed, events);
+    }
+
+    /// Removes ended and failed sequences (highest index first) and frees their budget.
+    fn retire(&mut self, ended: Vec<usize>, failed: Vec<(usize, Error)>, events: &mut Vec<Event>) {
+        let mut gone: Vec<(usize, Option<Error>)> = ended.into_iter().map(|i| (i, None)).collect();
+        gone.extend(failed.into_iter().map(|(i, e)| (i, Some(e))));
+        gone.sort_by(|a, b| b.0.cmp(&a.0));
+        gone.dedup_by_key(|g| g.0);
+        for (i, error) in gone {
+            let s = self.running.remove(i);
+            self.reserved -= s.reserved;
+            if let Some(error) = error {
+                events.push(Event::Failed { id: s.id, error });
+            }
+        }
+    }
+
+    /// One piece of work for the oldest sequence that is encoding or prefilling.
+    fn prepare_one(&mut self, events: &mut Vec<Event>) {
+        let engine = self.engine;
+        let chunk = self.opts.prefill_chunk;
+        let Some(i) = self.running.iter().position(|s| s.phase != Phase::Decode) else { return };
+        let s = &mut self.running[i];
+        let r = match s.phase {
+            Phase::Encode => s.encode_next(engine, events).map(|_| false),
+            _ => s.prefill(engine, chunk, events),
+        };
+        match r {
+            Ok(true) => self.retire(vec![i], Vec::new(), events),
+            Ok(false) => {}
+            Err(e) => self.retire(Vec::new(), vec![(i, e)], events),
+        }
+    }
+
+    /// Runs steps until request `id` ends, handing its events to `f` (events of other requests
+    /// are dropped: for callers that run one request).
+    pub fn run_to_end(&mut self, id: RequestId, mut f: impl FnMut(&Event) -> bool) -> Result<Completion> {
+        loop {
+            if self.is_idle() {
+                return Err(Error::Request(format!("request {id} is not known to the scheduler")));
+            }
+            for e in self.step() {
+                if e.id() != id {
+                    continue;
+                }
+                if !f(&e) {
+                    self.cancel(id);
+                }
+                match e {
+                    Event::Done { completion, .. } => return Ok(completion),
+                    Event::Cancelled { completion: Some(c), .. } => return Ok(c),
+                    Event::Cancelled { completion: None, .. } => return Err(Error::Request(format!("request {id} was cancelled before it started"))),
+                    Event::Failed { error, .. } => return Err(error),
+                    _ => {}
+                }
+            }
+        }
+    }
+}

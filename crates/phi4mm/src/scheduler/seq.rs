@@ -1,0 +1,242 @@
+//! One request inside the scheduler: its media encoded a piece at a time, its prompt
+//! prefilled in chunks, then one token per decode step; sampling, detokenizing and the stop
+//! rules are the same for every request.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use super::{Event, RequestId, Stage};
+use crate::detok::{StopMatcher, StreamDecoder};
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::lora::Adapter;
+use crate::request::{Completion, FinishReason, GenerateRequest, Prepared, TokenInfo, Timings};
+use crate::sampler::{self, Sampler};
+
+/// Where a sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Media left to encode.
+    Encode,
+    /// Rows of `todo` left to prefill.
+    Prefill,
+    /// Takes part in every decode step.
+    Decode,
+}
+
+/// An admitted request.
+pub(super) struct Seq<'e> {
+    pub id: RequestId,
+    pub req: GenerateRequest,
+    pub prepared: Prepared,
+    /// KV positions reserved in the scheduler's budget.
+    pub reserved: usize,
+    pub phase: Phase,
+    pub cache: KvCache,
+    /// Prompt embeddings (after the media are merged).
+    emb: Option<Tensor>,
+    audio: Option<Tensor>,
+    images: Vec<Tensor>,
+    /// Rows to prefill (the prompt, or prompt + output on the LongRoPE re-prefill), how many
+    /// are done, and their LongRoPE mode.
+    todo: Option<Tensor>,
+    filled: usize,
+    long: bool,
+    sampler: Sampler,
+    detok: StreamDecoder<'e>,
+    stops: StopMatcher,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    infos: Vec<TokenInfo>,
+    text: String,
+    started: Instant,
+    first: Option<Instant>,
+    prefill_s: f64,
+}
+
+impl<'e> Seq<'e> {
+    pub fn new(engine: &'e Engine, id: RequestId, req: GenerateRequest, prepared: Prepared, reserved: usize, cache: KvCache) -> Result<Self> {
+        let sampler = Sampler::new(req.sampling.clone())?.with_mask(req.mask.clone());
+        let phase = if prepared.images.is_empty() && prepared.audios.is_empty() { Phase::Prefill } else { Phase::Encode };
+        Ok(Seq {
+            id,
+            stops: StopMatcher::new(req.stop.clone()),
+            history: prepared.ids.clone(),
+            req,
+            prepared,
+            reserved,
+            phase,
+            cache,
+            emb: None,
+            audio: None,
+            images: Vec::new(),
+            todo: None,
+            filled: 0,
+            long: false,
+            sampler,
+            detok: StreamDecoder::new(engine.tokenizer()),
+            tokens: Vec::new(),
+            infos: Vec::new(),
+            text: String::new(),
+            started: Instant::now(),
+            first: None,
+            prefill_s: 0.0,
+        })
+    }
+
+    pub fn adapter(&self) -> Option<Adapter> {
+        self.prepared.mode.adapter()
+    }
+
+    /// The last sampled token (the next decode step's input).
+    pub fn last_token(&self) -> Option<u32> {
+        self.tokens.last().copied()
+    }
+
+    /// Encodes the next piece of media: all audios (the encoder batches them as the reference
+    /// does), else the next image. When none is left, merges them into the embeddings.
+    pub fn encode_next(&mut self, engine: &Engine, events: &mut Vec<Event>) -> Result<()> {
+        let p = &self.prepared;
+        let id = self.id;
+        if !p.audios.is_empty() && self.audio.is_none() {
+            let windows = std::cell::RefCell::new(Vec::new());
+            let progress = |done: usize, total: usize| windows.borrow_mut().push((done, total));
+            self.audio = engine.encode_audios(p, Some(&progress))?;
+            let last = windows.into_inner().pop().unwrap_or((1, 1));
+            events.push(Event::Progress { id, stage: Stage::Audio, done: last.0, total: last.1 });
+        } else if self.images.len() < p.images.len() {
+            self.images.push(engine.encode_image(&p.images[self.images.len()])?);
+            events.push(Event::Progress { id, stage: Stage::Images, done: self.images.len(), total: p.images.len() });
+        }
+        if (p.audios.is_empty() || self.audio.is_some()) && self.images.len() == p.images.len() {
+            self.emb = Some(engine.merge_media(p, self.audio.as_ref(), &self.images)?);
+            self.audio = None;
+            self.images.clear();
+            self.phase = Phase::Prefill;
+        }
+        Ok(())
+    }
+
+    /// Prefills up to `budget` rows; after the last one samples the first (or, after a
+    /// re-prefill, the next) token. True when that token ended the sequence.
+    pub fn prefill(&mut self, engine: &Engine, budget: usize, events: &mut Vec<Event>) -> Result<bool> {
+        let dec = engine.decoder();
+        if self.todo.is_none() {
+            let emb = match self.emb.take() {
+                Some(e) => e,
+                None => engine.merge_media(&self.prepared, None, &[])?,
+            };
+            self.long = dec.rope().is_long(emb.dim(0)?);
+            self.todo = Some(emb.clone());
+            self.emb = Some(emb);
+            self.filled = 0;
+            self.cache.reset(self.long);
+        }
+        let todo = self.todo.as_ref().map(Tensor::clone).ok_or_else(|| crate::Error::Request("nothing to prefill".into()))?;
+        let total = todo.dim(0)?;
+        let len = budget.max(1).min(total - self.filled);
+        self.cache.reserve(self.filled + len, self.limit())?;
+        let adapter = self.adapter();
+        let h = dec.forward_as(&todo.narrow(0, self.filled, len)?, &mut self.cache, adapter, self.long, None)?;
+        self.filled += len;
+        events.push(Event::Progress { id: self.id, stage: Stage::Prompt, done: self.filled, total });
+        if self.filled == total {
+            self.todo = None;
+            self.phase = Phase::Decode;
+            if self.first.is_none() {
+                self.prefill_s = self.started.elapsed().as_secs_f64();
+            }
+            let logits = dec.logits(&h)?;
+            return self.take(engine, logits, events);
+        }
+        Ok(false)
+    }
+
+    /// Most positions the sequence can reach.
+    fn limit(&self) -> usize {
+        self.prepared.ids.len() + self.req.max_new_tokens
+    }
+
+    /// Before a decode step: makes room for one more position, or, when the sequence first
+    /// grows past the LongRoPE threshold, turns it back to prefill: the cache (short-factor
+    /// keys) is dropped and the whole sequence — prompt embeddings, media rows included, plus
+    /// the output — is prefilled again with the long factors, exactly once (spec §2.5).
+    pub fn prepare_step(&mut self, engine: &Engine) -> Result<bool> {
+        let dec = engine.decoder();
+        let total = self.prepared.ids.len() + self.tokens.len();
+        if !self.cache.is_long() && dec.rope().is_long(total) {
+            tracing::debug!(id = self.id, total, "sequence crossed the LongRoPE threshold: re-prefilling");
+            let emb = self.emb.as_ref().ok_or_else(|| crate::Error::Request("prompt embeddings were dropped".into()))?;
+            let out = dec.embed(&self.tokens)?;
+            self.todo = Some(Tensor::cat(&[emb, &out], 0)?);
+            self.filled = 0;
+            self.long = true;
+            self.cache.reset(true);
+            self.phase = Phase::Prefill;
+            return Ok(false);
+        }
+        self.cache.reserve(total, self.limit())?;
+        Ok(true)
+    }
+
+    /// Samples from `logits` and streams the token; true when the sequence has ended (a
+    /// `Done` event is then among `events`).
+    pub fn take(&mut self, engine: &Engine, logits: Vec<f32>, events: &mut Vec<Event>) -> Result<bool> {
+        let id = self.sampler.sample_output(&logits, &self.history, self.tokens.len());
+        let (lp, top) = sampler::logprobs(&logits, id, self.req.top_logprobs);
+        self.first.get_or_insert_with(Instant::now);
+        self.tokens.push(id);
+        self.history.push(id);
+        let is_eos = !self.req.ignore_eos && engine.generation_config().eos_token_id.contains(&id);
+        let (piece, hit_stop) = if is_eos { (String::new(), false) } else { self.stops.push(&self.detok.push(id)?) };
+        self.text.push_str(&piece);
+        let info = TokenInfo { id, logprob: lp, top };
+        events.push(Event::Token {
+            id: self.id,
+            token: info.clone(),
+            text: piece,
+            logits: self.req.return_logits.then_some(logits),
+        });
+        self.infos.push(info);
+        if is_eos || hit_stop {
+            events.push(Event::Done { id: self.id, completion: self.finish(FinishReason::Stop)? });
+            return Ok(true);
+        }
+        if self.tokens.len() >= self.req.max_new_tokens {
+            events.push(Event::Done { id: self.id, completion: self.finish(FinishReason::Length)? });
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The completion so far, with held-back text flushed unless a stop ended it.
+    pub fn finish(&mut self, reason: FinishReason) -> Result<Completion> {
+        if reason != FinishReason::Stop {
+            let (tail, _) = self.stops.push(&self.detok.finish()?);
+            self.text.push_str(&tail);
+            self.text.push_str(&self.stops.finish());
+        }
+        let now = Instant::now();
+        let decode_s = self.first.map_or(0.0, |f| (now - f).as_secs_f64());
+        let n = self.prepared.ids.len();
+        let decode_tokens = self.tokens.len().saturating_sub(1);
+        Ok(Completion {
+            text: std::mem::take(&mut self.text),
+            prompt_tokens: self.prepared.ids.clone(),
+            tokens: std::mem::take(&mut self.tokens),
+            logprobs: std::mem::take(&mut self.infos),
+            finish_reason: reason,
+            mode: self.prepared.mode,
+            timings: Timings {
+                prefill_tokens: n,
+                prefill_s: self.prefill_s,
+                decode_tokens,
+                decode_s,
+                prefill_tok_s: n as f64 / self.prefill_s.max(1e-9),
+                decode_tok_s: decode_tokens as f64 / decode_s.max(1e-9),
+            },
+        })
+    }
+}
