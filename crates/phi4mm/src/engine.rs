@@ -328,7 +328,8 @@ impl Engine {
     }
 
     /// Generation from already prepared ids: the [`Scheduler`] with this one request (one
-    /// code path for one request and many), its prompt prefilled in one piece.
+    /// code path for one request and many), so its results are those of the same request in
+    /// any batch of a scheduler with the default prefill chunk.
     pub fn generate_prepared(
         &self,
         prepared: &Prepared,
@@ -337,7 +338,7 @@ impl Engine {
     ) -> Result<Completion> {
         let mut req = req.clone();
         req.return_logits = true;
-        let opts = SchedulerOptions { max_batch: 1, max_queue: 1, kv_budget: usize::MAX, prefill_chunk: usize::MAX };
+        let opts = SchedulerOptions { max_batch: 1, max_queue: 1, kv_budget: usize::MAX, prefill_chunk: crate::scheduler::DEFAULT_PREFILL_CHUNK };
         let mut sched = Scheduler::new(self, opts);
         let id = sched.submit_prepared(req, prepared.clone())?;
         sched.run_to_end(id, |e| match e {

@@ -32,6 +32,12 @@ pub type RequestId = u64;
 /// Positions each cache reserves beyond the prompt before it has to grow.
 const CACHE_STEP: usize = 512;
 
+/// Prompt rows prefilled per step by default. The chunk size is part of the numbers: the
+/// prefill GEMMs and attention of a 256-row chunk do not sum in the same order as those of a
+/// 2048-row one, so every path that should agree bit for bit (the CLI, the server, the tests)
+/// uses this one value.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
 /// How the scheduler batches.
 #[derive(Debug, Clone)]
 pub struct SchedulerOptions {
@@ -41,7 +47,8 @@ pub struct SchedulerOptions {
     pub max_queue: usize,
     /// KV positions all admitted sequences may reserve together.
     pub kv_budget: usize,
-    /// Most prompt rows prefilled per step.
+    /// Most prompt rows prefilled per step ([`DEFAULT_PREFILL_CHUNK`]; another value changes
+    /// the last bits of the prefill, so results then differ from [`Engine::generate`]'s).
     pub prefill_chunk: usize,
 }
 
@@ -51,7 +58,7 @@ impl SchedulerOptions {
     pub fn for_engine(engine: &Engine) -> Self {
         let per = engine.decoder().kv_bytes_per_position().max(1);
         let half = available_memory().map_or(usize::MAX, |b| b / 2 / per);
-        SchedulerOptions { max_batch: 8, max_queue: 64, kv_budget: half.max(engine.max_context()), prefill_chunk: 256 }
+        SchedulerOptions { max_batch: 8, max_queue: 64, kv_budget: half.max(engine.max_context()), prefill_chunk: DEFAULT_PREFILL_CHUNK }
     }
 
     /// A budget of `gib` GiB of KV cache, in positions of `engine`'s cache format.
@@ -145,10 +152,9 @@ impl<'e> Scheduler<'e> {
     }
 
     /// [`Scheduler::submit`] of already prepared ids.
+    /// A request that can never run (too long for the budget, bad values) is refused before a
+    /// full queue is.
     pub fn submit_prepared(&mut self, req: GenerateRequest, prepared: Prepared) -> Result<RequestId> {
-        if self.waiting.len() >= self.opts.max_queue {
-            return Err(Error::QueueFull(self.opts.max_queue));
-        }
         self.engine.check_lengths(&prepared, &req)?;
         req.sampling.validate()?;
         let need = prepared.ids.len() + req.max_new_tokens;
@@ -160,6 +166,9 @@ impl<'e> Scheduler<'e> {
                 req.max_new_tokens,
                 self.opts.kv_budget
             )));
+        }
+        if self.waiting.len() >= self.opts.max_queue {
+            return Err(Error::QueueFull(self.opts.max_queue));
         }
         let id = self.next_id;
         self.next_id += 1;

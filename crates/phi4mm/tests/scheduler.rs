@@ -1,0 +1,170 @@
+//! The batching scheduler on the tiny checkpoint: a request's tokens and log-probabilities are
+//! bit-identical alone and in a mixed batch of 8 (text, sampled text, image, two audios,
+//! image + audio, one crossing the 4096-token LongRoPE threshold), prompts prefilled in small
+//! chunks equal the one-piece prefill of `Engine::generate`, cancellation frees the sequence at
+//! the next step, and a full queue or an over-budget request is a clear error.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::DType;
+use common::*;
+use phi4mm::engine::Prepared;
+use phi4mm::scheduler::DEFAULT_PREFILL_CHUNK;
+use phi4mm::{Engine, Error, Event, GenerateRequest, MediaInput, Message, PromptInput, RequestId, SamplingParams, Scheduler, SchedulerOptions};
+
+fn opts(max_batch: usize, prefill_chunk: usize) -> SchedulerOptions {
+    SchedulerOptions { max_batch, max_queue: 16, kv_budget: 1 << 20, prefill_chunk }
+}
+
+fn chat(text: &str, images: &[&str], audios: &[&str]) -> GenerateRequest {
+    let mut marks = String::new();
+    (1..=images.len()).for_each(|i| marks.push_str(&format!("<|image_{i}|>")));
+    (1..=audios.len()).for_each(|i| marks.push_str(&format!("<|audio_{i}|>")));
+    let mut req = GenerateRequest::new(PromptInput::Chat(vec![Message::new("user", format!("{marks}{text}"))]));
+    req.images = images.iter().map(|f| MediaInput::Path(fixtures().join("images").join(f))).collect();
+    req.audios = audios.iter().map(|f| MediaInput::Path(fixtures().join("audio").join(f))).collect();
+    req.max_new_tokens = 12;
+    req.ignore_eos = true;
+    req.top_logprobs = 3;
+    req
+}
+
+/// The mixed batch: (request, prepared ids) of every mode.
+fn mixed(engine: &Engine) -> Vec<(GenerateRequest, Prepared)> {
+    let mut reqs = vec![
+        chat("Tell me about Rust.", &[], &[]),
+        chat("What is shown?", &["wide_500x300.png"], &[]),
+        chat("Transcribe the audio clip into text.", &[], &["speech_1s_16k.wav"]),
+        chat("Transcribe the audio clip into text.", &[], &["speech_10s_16k.wav"]),
+        chat("Answer the spoken question about the image.", &["square_448x448.png"], &["speech_1s_16k.wav"]),
+        chat("Write a poem.", &[], &[]),
+    ];
+    let sampled = &mut reqs[5].sampling;
+    *sampled = SamplingParams { temperature: 0.9, top_p: 0.9, top_k: 50, min_p: 0.05, presence_penalty: 0.5, seed: 11, ..Default::default() };
+    let mut out: Vec<(GenerateRequest, Prepared)> = reqs.into_iter().map(|r| { let p = engine.prepare(&r).unwrap(); (r, p) }).collect();
+    // Crosses 4096 positions while generating: 4090 prompt ids + 12 tokens.
+    let long: Vec<u32> = (0..4090u32).map(|i| 1000 + (i * 7919) % 50000).collect();
+    let mut req = chat("", &[], &[]);
+    req.max_new_tokens = 12;
+    out.push((req.clone(), Prepared::text(long)));
+    let mut short = req;
+    short.sampling = SamplingParams { temperature: 1.0, seed: 5, frequency_penalty: 1.0, ..Default::default() };
+    out.push((short, Prepared::text((0..40u32).map(|i| 500 + i * 31).collect())));
+    out
+}
+
+/// Runs every request to the end; returns (tokens, logprob bits) per submission index.
+fn run_all(engine: &Engine, o: SchedulerOptions, reqs: &[(GenerateRequest, Prepared)]) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let mut s = Scheduler::new(engine, o);
+    let ids: Vec<RequestId> = reqs.iter().map(|(r, p)| s.submit_prepared(r.clone(), p.clone()).unwrap()).collect();
+    let mut done: HashMap<RequestId, (Vec<u32>, Vec<u32>)> = HashMap::new();
+    for _ in 0..10_000 {
+        if s.is_idle() {
+            break;
+        }
+        for e in s.step() {
+            match e {
+                Event::Done { id, completion } => {
+                    let lps = completion.logprobs.iter().map(|t| t.logprob.to_bits()).collect();
+                    done.insert(id, (completion.tokens, lps));
+                }
+                Event::Failed { id, error } => panic!("request {id} failed: {error}"),
+                _ => {}
+            }
+        }
+    }
+    ids.iter().map(|id| done.remove(id).expect("every request ends")).collect()
+}
+
+#[test]
+fn a_request_gives_the_same_bits_alone_and_in_a_mixed_batch_of_8() {
+    for dtype in [DType::F32, DType::BF16] {
+        let engine = load_tiny(dtype);
+        let reqs = mixed(&engine);
+        assert_eq!(reqs.len(), 8);
+        let together = run_all(&engine, opts(8, DEFAULT_PREFILL_CHUNK), &reqs);
+        for (i, (req, prep)) in reqs.iter().enumerate() {
+            let alone = run_all(&engine, opts(1, DEFAULT_PREFILL_CHUNK), std::slice::from_ref(&(req.clone(), prep.clone())));
+            assert_eq!(alone[0], together[i], "{dtype:?}: request {i} differs between alone and the batch of 8");
+            // Engine::generate is the scheduler with one request: the same bits.
+            let c = engine.generate_prepared(prep, req, |_| true).unwrap();
+            let bits: Vec<u32> = c.logprobs.iter().map(|t| t.logprob.to_bits()).collect();
+            assert_eq!((c.tokens, bits), together[i], "{dtype:?}: request {i} differs from Engine::generate");
+        }
+        // The long one really crossed the threshold and the batch really mixed modes.
+        assert_eq!(together[6].0.len(), 12);
+        assert_ne!(together[0].0, together[5].0);
+    }
+}
+
+#[test]
+fn a_cancelled_request_leaves_at_the_next_step_and_frees_its_budget() {
+    let engine = load_tiny(DType::F32);
+    let reqs = mixed(&engine);
+    let mut long = reqs[0].0.clone();
+    long.max_new_tokens = 200;
+    let mut s = Scheduler::new(&engine, opts(4, 64));
+    let a = s.submit_prepared(long.clone(), reqs[0].1.clone()).unwrap();
+    let b = s.submit_prepared(long, reqs[0].1.clone()).unwrap();
+    let mut tokens_a = 0;
+    while tokens_a < 5 {
+        tokens_a += s.step().iter().filter(|e| matches!(e, Event::Token { id, .. } if *id == a)).count();
+    }
+    let before = s.kv_reserved();
+    assert!(s.cancel(a));
+    assert!(!s.cancel(9999), "an unknown id is not cancelled");
+    let events = s.step();
+    let cancelled = events.iter().find_map(|e| match e {
+        Event::Cancelled { id, completion } if *id == a => Some(completion.as_ref().map(|c| c.tokens.len())),
+        _ => None,
+    });
+    assert_eq!(cancelled, Some(Some(tokens_a)), "the partial completion comes back with the cancellation");
+    assert!(!events.iter().any(|e| matches!(e, Event::Token { id, .. } if *id == a)), "no token after the cancel");
+    assert!(events.iter().any(|e| matches!(e, Event::Token { id, .. } if *id == b)), "the other goes on");
+    assert_eq!(s.running(), 1);
+    assert!(s.kv_reserved() < before);
+    // Cancelling a request that is still queued ends it without a completion.
+    let c = s.submit_prepared(reqs[1].0.clone(), reqs[1].1.clone()).unwrap();
+    s.cancel(c);
+    assert!(s.step().iter().any(|e| matches!(e, Event::Cancelled { id, completion: None } if *id == c)));
+}
+
+#[test]
+fn a_full_queue_and_an_over_budget_request_are_clear_errors() {
+    let engine = load_tiny(DType::F32);
+    let reqs = mixed(&engine);
+    let (req, prep) = &reqs[0];
+    let need = prep.ids.len() + req.max_new_tokens;
+    // Room for one sequence at a time: the second waits until the first ends.
+    let mut s = Scheduler::new(&engine, SchedulerOptions { max_batch: 8, max_queue: 2, kv_budget: need + 10, prefill_chunk: 64 });
+    let first = s.submit_prepared(req.clone(), prep.clone()).unwrap();
+    let second = s.submit_prepared(req.clone(), prep.clone()).unwrap();
+    s.step();
+    assert_eq!((s.running(), s.queued()), (1, 1), "the KV budget admits one");
+    s.submit_prepared(req.clone(), prep.clone()).unwrap();
+    let e = s.submit_prepared(req.clone(), prep.clone()).unwrap_err();
+    assert!(matches!(e, Error::QueueFull(2)), "{e}");
+    assert!(e.to_string().contains("busy"), "{e}");
+    let mut big = req.clone();
+    big.max_new_tokens = 100;
+    let e = s.submit_prepared(big, prep.clone()).unwrap_err().to_string();
+    assert!(e.contains("KV budget"), "{e}");
+    let mut order = Vec::new();
+    while !s.is_idle() {
+        for e in s.step() {
+            if let Event::Done { id, .. } = e {
+                order.push(id);
+            }
+        }
+    }
+    assert_eq!(&order[..2], &[first, second]);
+    // Bad requests fail at submit, not later.
+    let mut bad = req.clone();
+    bad.sampling.min_p = 2.0;
+    assert!(s.submit_prepared(bad, prep.clone()).unwrap_err().to_string().contains("min_p"));
+    let mut empty = req.clone();
+    empty.max_new_tokens = 0;
+    assert!(s.submit_prepared(empty, prep.clone()).is_err());
+}
