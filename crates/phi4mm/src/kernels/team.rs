@@ -12,7 +12,7 @@
 //! rayon runs on the team's own thread returns at once instead of waiting for itself.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -31,8 +31,9 @@ fn claimable(s: u64) -> bool {
 struct Shared {
     /// epoch << 40 | tasks << 20 | next unclaimed task.
     state: AtomicU64,
-    /// `*const Job` of the current epoch, as two words (a fat pointer).
-    job: [AtomicUsize; 2],
+    /// The current epoch's job: a thin pointer to a `&Job` that lives on the publisher's
+    /// stack for the whole epoch (a fat pointer cannot be stored atomically).
+    job: AtomicPtr<&'static Job<'static>>,
     done: AtomicUsize,
     exit: AtomicBool,
 }
@@ -45,13 +46,11 @@ impl Shared {
             let next = s & TASK_MASK;
             match self.state.compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    let parts = [self.job[0].load(Ordering::Acquire), self.job[1].load(Ordering::Acquire)];
-                    // SAFETY: the claim succeeded in this job's epoch, so the publisher is still
-                    // waiting in `parallel_for` (it waits for every claimed task) and the
-                    // closure the pointer was made from is alive; the two words are that pointer.
-                    let job: *const Job<'static> = unsafe { std::mem::transmute::<[usize; 2], *const Job<'static>>(parts) };
+                    let job = self.job.load(Ordering::Acquire);
                     let _count = Done(&self.done);
-                    // SAFETY: as above.
+                    // SAFETY: the claim succeeded in this job's epoch, so the publisher is still
+                    // waiting in `parallel_for` (it waits for every claimed task): the `&Job`
+                    // the pointer points at and the closure it refers to are both alive.
                     unsafe { (*job)(next as usize) };
                     s = self.state.load(Ordering::Acquire);
                 }
@@ -140,7 +139,7 @@ pub fn with_team<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
     let shared = Shared {
         state: AtomicU64::new(0),
-        job: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        job: AtomicPtr::new(std::ptr::null_mut()),
         done: AtomicUsize::new(0),
         exit: AtomicBool::new(false),
     };
@@ -164,10 +163,10 @@ pub fn parallel_for(tasks: usize, f: impl Fn(usize) + Sync) {
     // SAFETY: `with_team` keeps the `Shared` alive while CURRENT points at it.
     let shared = unsafe { &*shared };
     let job: &Job<'_> = &f;
-    // SAFETY: a fat pointer is two words; it is only dereferenced while `f` lives (see `work`).
-    let parts = unsafe { std::mem::transmute::<*const Job<'_>, [usize; 2]>(job as *const Job<'_>) };
-    shared.job[0].store(parts[0], Ordering::Release);
-    shared.job[1].store(parts[1], Ordering::Release);
+    // Helpers see the job as `'static`; it is only called while this frame (which owns `job`
+    // and `f`) waits in `Close` for every claimed task (see `work`).
+    let thin: *const &Job<'_> = &job;
+    shared.job.store(thin.cast::<&'static Job<'static>>().cast_mut(), Ordering::Release);
     shared.done.store(0, Ordering::Release);
     let epoch = (shared.state.load(Ordering::Acquire) >> (2 * TASK_BITS)).wrapping_add(1);
     shared.state.store((epoch << (2 * TASK_BITS)) | ((tasks as u64) << TASK_BITS), Ordering::Release);
