@@ -38,6 +38,18 @@ pub struct BenchArgs {
     /// on a laptop CPU).
     #[arg(long)]
     pub context: Option<usize>,
+    /// Run N synthetic requests at once through the scheduler and report aggregate and
+    /// per-stream decode tok/s, time to first token and inter-token latency (p50/p99).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// What the concurrent streams are, cycled: text, vision-lora, speech-lora (synthetic
+    /// prompts decoded with that adapter), image (--image), audio (--audio).
+    #[arg(long, default_value = "text")]
+    pub mix: String,
+    /// With --concurrency: requests admitted once the streams are decoding (same kinds as
+    /// --mix); reports the streams' inter-token latency while they are encoded and prefilled.
+    #[arg(long, default_value = "")]
+    pub late: String,
     /// Run the audio and image encoders this many times and report the fastest (a noisy host;
     /// every time is in the JSON).
     #[arg(long, default_value_t = 1)]
@@ -151,6 +163,9 @@ fn bench_image(engine: &phi4mm::Engine, path: &std::path::Path, repeat: usize) -
 pub fn run(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.prompt_tokens > 0 && a.gen_tokens > 0, "token counts must be positive");
     let (engine, load_s) = a.model.load()?;
+    if let Some(n) = a.concurrency {
+        return run_batch(&a, &engine, n, load_s);
+    }
     // Deterministic pseudo-random ids from the base vocabulary (no special tokens).
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let ids: Vec<u32> = (0..a.prompt_tokens)
@@ -242,6 +257,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         println!("commit      {}", env!("PHI4MM_GIT_COMMIT"));
     }
+    Ok(())
+}
+
+/// `--concurrency N`: the scheduler's batched run, printed as JSON or a few lines.
+fn run_batch(a: &BenchArgs, engine: &phi4mm::Engine, n: usize, load_s: f64) -> Result<()> {
+    use crate::bench_batch::{BatchBench, Kind};
+    let b = BatchBench {
+        concurrency: n,
+        mix: Kind::parse_list(&a.mix)?,
+        late: Kind::parse_list(&a.late)?,
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        image: a.image.as_deref(),
+        audio: a.audio.as_deref(),
+    };
+    let mut r = b.run(engine)?;
+    r["format"] = engine.format().into();
+    r["threads"] = candle_threads().into();
+    r["load_s"] = load_s.into();
+    r["commit"] = env!("PHI4MM_GIT_COMMIT").into();
+    if a.json {
+        println!("{r}");
+        return Ok(());
+    }
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!("weights     {}  threads {}  streams {n} ({})", engine.format(), candle_threads(), a.mix);
+    println!("decode      {:.2} tok/s aggregate, {:.2} per stream", f("aggregate_decode_tok_s"), f("per_stream_decode_tok_s"));
+    println!("TTFT        p50 {:.3} s  p99 {:.3} s", f("ttft_s_p50"), f("ttft_s_p99"));
+    println!("ITL         p50 {:.4} s  p99 {:.4} s  (unloaded step {:.4} s)", f("itl_s_p50"), f("itl_s_p99"), f("unloaded_step_s"));
+    if !b.late.is_empty() {
+        println!("admitting   ITL p50 {:.4} s  p99 {:.4} s while {} joined", f("itl_while_admitting_s_p50"), f("itl_while_admitting_s_p99"), a.late);
+    }
+    println!("peak RSS    {:.0} MiB", f("peak_rss_mib"));
     Ok(())
 }
 

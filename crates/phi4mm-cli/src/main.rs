@@ -5,6 +5,7 @@
 //! validated here into library requests; everything else happens in the `phi4mm` crate.
 
 mod bench;
+mod bench_batch;
 mod chat;
 mod common;
 mod quantize;
