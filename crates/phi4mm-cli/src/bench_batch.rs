@@ -13,6 +13,9 @@ use phi4mm::{Engine, Event, GenerateRequest, MediaInput, Message, Mode, PromptIn
 
 use crate::common::peak_rss_bytes;
 
+/// Tokens each `--late` request generates (they are there to be admitted, not to decode).
+const LATE_TOKENS: usize = 4;
+
 /// What each stream of a batch is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -129,7 +132,8 @@ impl BatchBench<'_> {
         while !sched.is_idle() {
             if !late_sent && streams.iter().all(|id| rec.tokens.get(id).map_or(0, Vec::len) >= 4) {
                 for (j, &kind) in self.late.iter().enumerate() {
-                    let (req, prep) = self.request(engine, kind, 1000 + j as u64)?;
+                    let (mut req, prep) = self.request(engine, kind, 1000 + j as u64)?;
+                    req.max_new_tokens = LATE_TOKENS;
                     let id = sched.submit_prepared(req, prep)?;
                     kinds.insert(id, kind);
                     submitted.insert(id, Instant::now());
