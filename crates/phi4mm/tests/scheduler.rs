@@ -168,3 +168,15 @@ fn a_full_queue_and_an_over_budget_request_are_clear_errors() {
     empty.max_new_tokens = 0;
     assert!(s.submit_prepared(empty, prep.clone()).is_err());
 }
+
+#[test]
+fn the_8_bit_kv_cache_batches_with_the_same_bits() {
+    let opts_q8 = phi4mm::LoadOptions { dtype: DType::BF16, kv_cache: phi4mm::kv_cache::KvFormat::Q8, ..Default::default() };
+    let engine = Engine::load(&tiny(), opts_q8).unwrap();
+    let reqs: Vec<_> = mixed(&engine).into_iter().take(4).collect();
+    let together = run_all(&engine, opts(4, DEFAULT_PREFILL_CHUNK), &reqs);
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = run_all(&engine, opts(1, DEFAULT_PREFILL_CHUNK), std::slice::from_ref(r));
+        assert_eq!(alone[0], together[i], "request {i} with the 8-bit cache");
+    }
+}
