@@ -166,14 +166,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.concurrency {
         return run_batch(&a, &engine, n, load_s);
     }
-    // Deterministic pseudo-random ids from the base vocabulary (no special tokens).
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let ids: Vec<u32> = (0..a.prompt_tokens)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) % 199_998) as u32
-        })
-        .collect();
+    let ids = crate::bench_batch::synthetic_ids(a.prompt_tokens, 0);
     let mut req = GenerateRequest::new(PromptInput::Raw(String::new()));
     req.max_new_tokens = a.gen_tokens;
     req.ignore_eos = true;

@@ -379,14 +379,14 @@ impl Engine {
     /// Token embeddings of the prompt with the media features written over the placeholder
     /// rows (spec §6.4).
     pub fn embed_prompt(&self, prepared: &Prepared) -> Result<Tensor> {
-        let progress = self.encode_progress.as_ref().map(|f| f.as_ref() as &dyn Fn(usize, usize));
-        let audio = self.encode_audios(prepared, progress)?;
+        let audio = self.encode_audios(prepared, None)?;
         let images = prepared.images.iter().map(|img| self.encode_image(img)).collect::<Result<Vec<_>>>()?;
         self.merge_media(prepared, audio.as_ref(), &images)
     }
 
     /// The projected features of every audio of the request, encoded together as the
-    /// reference batches them (`None` without audio); `progress` gets (windows done, total).
+    /// reference batches them (`None` without audio); `progress` and the engine's own
+    /// [`Engine::set_encode_progress`] get (windows done, total).
     pub fn encode_audios(&self, prepared: &Prepared, progress: Option<&dyn Fn(usize, usize)>) -> Result<Option<Tensor>> {
         if prepared.audios.is_empty() {
             return Ok(None);
@@ -396,7 +396,11 @@ impl Engine {
             .as_ref()
             .ok_or_else(|| Error::Unsupported("no audio encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
         let which = if prepared.mode == Mode::VisionSpeech { Projector::Vision } else { Projector::Speech };
-        let encoded = audio.encode(&prepared.audios, progress)?;
+        let both = |done: usize, total: usize| {
+            self.encode_progress.iter().for_each(|f| f(done, total));
+            progress.iter().for_each(|f| f(done, total));
+        };
+        let encoded = audio.encode(&prepared.audios, Some(&both))?;
         let feats: Vec<Tensor> = encoded.iter().map(|e| audio.project(e, which)).collect::<Result<_>>()?;
         Ok(Some(Tensor::cat(&feats, 0)?))
     }

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::kernels::batch::BatchScratch;
-use crate::kernels::{Matrix, VecScratch};
+use crate::kernels::Matrix;
 use crate::quant::{Act, QType};
 use crate::weights::Scope;
 
@@ -124,34 +124,15 @@ impl LoraLinear {
         Ok((y + delta)?)
     }
 
-    /// Whether [`LoraLinear::matvec`] runs every weight of this layer.
+    /// Whether [`LoraLinear::matmat`] runs every weight of this layer.
     pub fn has_matvec(&self) -> bool {
         self.base.has_matvec() && [&self.vision, &self.speech].iter().flat_map(|p| p.iter()).all(|p| p.a.has_matvec() && p.b.has_matvec())
     }
 
-    /// [`LoraLinear::forward`] for one row without tensors: `x` `[in]` → `y` `[out]`, with the
-    /// same roundings to the activation dtype (`A`) as the tensor ops make.
-    pub fn matvec<A: Act>(&self, x: &[f32], adapter: Option<Adapter>, y: &mut [f32], s: &mut LoraScratch) -> Result<()> {
-        let rd = A::round;
-        self.base.matvec(x, y, &mut s.vec)?;
-        y.iter_mut().for_each(|v| *v = rd(*v));
-        let Some(adapter) = adapter else { return Ok(()) };
-        let pair = self.pair(adapter)?;
-        s.low.resize(pair.a.dims()?.0, 0.0);
-        pair.a.matvec(x, &mut s.low, &mut s.vec)?;
-        s.low.iter_mut().for_each(|v| *v = rd(*v));
-        s.delta.resize(y.len(), 0.0);
-        pair.b.matvec(&s.low, &mut s.delta, &mut s.vec)?;
-        let scale = rd(pair.scale as f32);
-        for (y, &d) in y.iter_mut().zip(&s.delta) {
-            *y = rd(*y + rd(rd(d) * scale));
-        }
-        Ok(())
-    }
-
-    /// [`LoraLinear::matvec`] for `b` rows at once, row `i` with `adapters[i]`: the base weight
-    /// read once for all rows, each adapter's pair once for the rows that use it (rows of
-    /// other modes skip it). Row `i` of `y` equals [`LoraLinear::matvec`] of row `i`.
+    /// [`LoraLinear::forward`] without tensors for the decode step's `b` rows, row `i` with
+    /// `adapters[i]` and the same roundings to the activation dtype (`A`) as the tensor ops:
+    /// the base weight read once for all rows, each adapter's pair once for the rows that use
+    /// it (rows of other modes skip it). Row `i` is the same whatever the other rows are.
     pub fn matmat<A: Act>(&self, x: &[f32], adapters: &[Option<Adapter>], y: &mut [f32], s: &mut LoraBatch) -> Result<()> {
         let rd = A::round;
         let (b, (out, k)) = (adapters.len(), self.base.dims()?);
@@ -189,12 +170,4 @@ pub struct LoraBatch {
     low: Vec<f32>,
     delta: Vec<f32>,
     batch: BatchScratch,
-}
-
-/// Working space for [`LoraLinear::matvec`].
-#[derive(Debug, Default)]
-pub struct LoraScratch {
-    low: Vec<f32>,
-    delta: Vec<f32>,
-    vec: VecScratch,
 }

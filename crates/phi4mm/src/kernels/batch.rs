@@ -15,12 +15,9 @@ use candle_core::CpuStorage;
 /// Working space for [`Matrix::matmat`], reused from step to step.
 #[derive(Debug, Default)]
 pub struct BatchScratch {
-    xb: Vec<bf16>,
-    acts: Vec<QActs>,
     /// `[out, B]`: each task owns whole weight rows.
     yt: Vec<f32>,
-    /// For `B == 1`, which is [`Matrix::matvec`] itself.
-    one: VecScratch,
+    vec: VecScratch,
 }
 
 impl Matrix {
@@ -35,9 +32,18 @@ impl Matrix {
             )));
         }
         if b == 1 {
-            return self.matvec(x, y, &mut s.one);
+            return self.matvec(x, y, &mut s.vec);
         }
         s.yt.resize(out * b, 0.0);
+        self.products(x, b, &mut s.yt, &mut s.vec)?;
+        transpose(&s.yt, b, out, y);
+        Ok(())
+    }
+
+    /// `yt[r·b + i]` = weight row `r` · activation row `i` of `x` `[b, in]`, each by the
+    /// one-row dot kernel of the weight's format ([`Matrix::matvec`] is `b = 1`).
+    pub(super) fn products(&self, x: &[f32], b: usize, yt: &mut [f32], s: &mut VecScratch) -> Result<()> {
+        let (out, k) = self.dims()?;
         match self {
             Matrix::Quant(q) => {
                 s.acts.resize_with(b, QActs::default);
@@ -46,7 +52,7 @@ impl Matrix {
                 }
                 let rows: Vec<XRow<'_>> = s.acts.iter().map(|a| XRow::of(a, 0, k)).collect();
                 let kernel = qdot::select(q.qtype());
-                fill_cols(&mut s.yt, b, |r, i| {
+                fill_cols(yt, b, |r, i| {
                     let (wq, wd) = q.row(r);
                     // SAFETY: `select` returns only kernels this CPU supports.
                     unsafe { kernel(wq, wd, rows[i]) }
@@ -64,21 +70,19 @@ impl Matrix {
                             s.xb.extend(x.iter().map(|&v| bf16::from_f32(v)));
                             let xb = &s.xb;
                             // SAFETY: AVX-512 BF16 was detected; both slices hold k values.
-                            fill_cols(&mut s.yt, b, |r, i| unsafe { bf16dot::dot(&xb[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]) });
-                            transpose(&s.yt, b, out, y);
+                            fill_cols(yt, b, |r, i| unsafe { bf16dot::dot(&xb[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]) });
                             return Ok(());
                         }
-                        fill_cols(&mut s.yt, b, |r, i| dot(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]));
+                        fill_cols(yt, b, |r, i| dot(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]));
                     }
                     candle_core::Storage::Cpu(CpuStorage::F32(w)) => {
                         let w = &w[off..off + out * k];
-                        fill_cols(&mut s.yt, b, |r, i| dot_f32(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]));
+                        fill_cols(yt, b, |r, i| dot_f32(&x[i * k..(i + 1) * k], &w[r * k..(r + 1) * k]));
                     }
                     _ => return Err(Error::Request("mat-vec needs an f32 or bf16 weight on the CPU".into())),
                 }
             }
         }
-        transpose(&s.yt, b, out, y);
         Ok(())
     }
 }

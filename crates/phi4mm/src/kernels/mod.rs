@@ -99,7 +99,8 @@ impl Matrix {
 #[derive(Debug, Default)]
 pub struct VecScratch {
     xb: Vec<bf16>,
-    acts: QActs,
+    /// One per activation row.
+    acts: Vec<QActs>,
 }
 
 impl Matrix {
@@ -124,43 +125,8 @@ impl Matrix {
                 y.len()
             )));
         }
-        match self {
-            Matrix::Quant(q) => {
-                s.acts.quantize(x, k, q.qtype());
-                let kernel = qdot::select(q.qtype());
-                let xr = XRow::of(&s.acts, 0, k);
-                fill_rows(y, |r| {
-                    let (wq, wd) = q.row(r);
-                    // SAFETY: `select` returns only kernels this CPU supports.
-                    unsafe { kernel(wq, wd, xr) }
-                });
-            }
-            Matrix::Dense(t) => {
-                let (storage, layout) = t.storage_and_layout();
-                let off = layout.start_offset();
-                match &*storage {
-                    candle_core::Storage::Cpu(CpuStorage::BF16(w)) => {
-                        let w = &w[off..off + out * k];
-                        #[cfg(target_arch = "x86_64")]
-                        if bf16dot::available() {
-                            s.xb.clear();
-                            s.xb.extend(x.iter().map(|&v| bf16::from_f32(v)));
-                            let xb = &s.xb;
-                            // SAFETY: AVX-512 BF16 was detected; both slices hold k values.
-                            fill_rows(y, |r| unsafe { bf16dot::dot(xb, &w[r * k..(r + 1) * k]) });
-                            return Ok(());
-                        }
-                        fill_rows(y, |r| dot(x, &w[r * k..(r + 1) * k]));
-                    }
-                    candle_core::Storage::Cpu(CpuStorage::F32(w)) => {
-                        let w = &w[off..off + out * k];
-                        fill_rows(y, |r| dot_f32(x, &w[r * k..(r + 1) * k]));
-                    }
-                    _ => return Err(Error::Request("mat-vec needs an f32 or bf16 weight on the CPU".into())),
-                }
-            }
-        }
-        Ok(())
+        // `[out, 1]` is `[1, out]`: the batched product's layout needs no transpose.
+        self.products(x, 1, y, s)
     }
 }
 
@@ -187,16 +153,6 @@ pub(crate) fn prefetch<T>(p: *const T) {
 /// Weight rows per task of a mat-vec with `out` rows: about eight tasks per thread.
 fn rows_per_task(out: usize) -> usize {
     out.div_ceil(rayon::current_num_threads().max(1) * 8).max(16)
-}
-
-/// `y[r] = f(r)`, rows split evenly over the threads.
-fn fill_rows(y: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
-    let per = rows_per_task(y.len());
-    team::parallel_chunks(y, per, |t, ys| {
-        for (i, v) in ys.iter_mut().enumerate() {
-            *v = f(t * per + i);
-        }
-    });
 }
 
 /// `x · w` in f32 with independent lanes (vectorised by the compiler).

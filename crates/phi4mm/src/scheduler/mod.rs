@@ -128,13 +128,12 @@ pub struct Scheduler<'e> {
     waiting: VecDeque<Waiting>,
     running: Vec<Seq<'e>>,
     cancelled: Vec<RequestId>,
-    reserved: usize,
     next_id: RequestId,
 }
 
 impl<'e> Scheduler<'e> {
     pub fn new(engine: &'e Engine, opts: SchedulerOptions) -> Self {
-        Scheduler { engine, opts, waiting: VecDeque::new(), running: Vec::new(), cancelled: Vec::new(), reserved: 0, next_id: 1 }
+        Scheduler { engine, opts, waiting: VecDeque::new(), running: Vec::new(), cancelled: Vec::new(), next_id: 1 }
     }
 
     pub fn options(&self) -> &SchedulerOptions {
@@ -202,7 +201,7 @@ impl<'e> Scheduler<'e> {
 
     /// KV positions reserved by the admitted sequences.
     pub fn kv_reserved(&self) -> usize {
-        self.reserved
+        self.running.iter().map(|s| s.reserved).sum()
     }
 
     /// One scheduling step: cancellations, admissions, one decode step for every generating
@@ -223,7 +222,6 @@ impl<'e> Scheduler<'e> {
                 events.push(Event::Cancelled { id, completion: None });
             } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
                 let mut s = self.running.remove(i);
-                self.reserved -= s.reserved;
                 events.push(Event::Cancelled { id, completion: s.finish(FinishReason::Length).ok() });
             }
         }
@@ -233,7 +231,7 @@ impl<'e> Scheduler<'e> {
     fn admit(&mut self, events: &mut Vec<Event>) {
         while self.running.len() < self.opts.max_batch {
             let Some(w) = self.waiting.front() else { break };
-            if self.reserved + w.need > self.opts.kv_budget {
+            if self.kv_reserved() + w.need > self.opts.kv_budget {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else { break };
@@ -244,10 +242,7 @@ impl<'e> Scheduler<'e> {
                 .new_cache(cap)
                 .and_then(|cache| Seq::new(self.engine, w.id, w.req, w.prepared, w.need, cache));
             match seq {
-                Ok(s) => {
-                    self.reserved += s.reserved;
-                    self.running.push(s);
-                }
+                Ok(s) => self.running.push(s),
                 Err(error) => events.push(Event::Failed { id: w.id, error }),
             }
         }
@@ -273,7 +268,7 @@ impl<'e> Scheduler<'e> {
             let mut rows = Vec::with_capacity(ready.len());
             for (i, s) in self.running.iter_mut().enumerate() {
                 if let (true, Some(token)) = (ready.contains(&i), s.last_token()) {
-                    rows.push(DecodeRow { token, cache: &mut s.cache, adapter: s.prepared.mode.adapter() });
+                    rows.push(DecodeRow { token, adapter: s.adapter(), cache: &mut s.cache });
                 }
             }
             match engine.decoder().decode_batch(&mut rows) {
@@ -301,7 +296,6 @@ impl<'e> Scheduler<'e> {
         gone.dedup_by_key(|g| g.0);
         for (i, error) in gone {
             let s = self.running.remove(i);
-            self.reserved -= s.reserved;
             if let Some(error) = error {
                 events.push(Event::Failed { id: s.id, error });
             }
