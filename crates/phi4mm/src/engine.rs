@@ -338,8 +338,7 @@ impl Engine {
     ) -> Result<Completion> {
         let mut req = req.clone();
         req.return_logits = true;
-        let opts = SchedulerOptions { max_batch: 1, max_queue: 1, kv_budget: usize::MAX, prefill_chunk: crate::scheduler::DEFAULT_PREFILL_CHUNK };
-        let mut sched = Scheduler::new(self, opts);
+        let mut sched = Scheduler::new(self, SchedulerOptions::single());
         let id = sched.submit_prepared(req, prepared.clone())?;
         sched.run_to_end(id, |e| match e {
             Event::Token { token, text, logits, .. } => on_step(&Step {

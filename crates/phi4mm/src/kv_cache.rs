@@ -95,6 +95,34 @@ impl Elems {
         }
     }
 
+    /// The positions of `span` in a new buffer of `span.to_cap` positions.
+    fn copy_span(&self, span: &Span, d: usize) -> Elems {
+        fn take<T: Copy + Default>(x: &[T], span: &Span, per: usize) -> Vec<T> {
+            let mut out = vec![T::default(); span.heads * span.to_cap * per];
+            span.copy(x, &mut out, per);
+            out
+        }
+        match self {
+            Elems::F32(v) => Elems::F32(take(v, span, d)),
+            Elems::Bf16(v) => Elems::Bf16(take(v, span, d)),
+            Elems::I8(v, s) => Elems::I8(take(v, span, d), take(s, span, 1)),
+        }
+    }
+
+    /// Writes the positions of `span` from `src` (same variant; `None` if it is not).
+    fn paste_span(&mut self, src: &Elems, span: &Span, d: usize) -> Option<()> {
+        match (self, src) {
+            (Elems::F32(to), Elems::F32(from)) => span.copy(from, to, d),
+            (Elems::Bf16(to), Elems::Bf16(from)) => span.copy(from, to, d),
+            (Elems::I8(to, ts), Elems::I8(from, fs)) => {
+                span.copy(from, to, d);
+                span.copy(fs, ts, 1);
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
     /// Stores `x` (`head_dim` values) at slot `at` (= head·capacity + position).
     fn store(&mut self, at: usize, x: &[f32]) {
         let d = x.len();
@@ -134,6 +162,54 @@ enum Store {
     Tensors(Vec<(Tensor, Tensor)>),
     /// CPU vectors, keys and values per layer.
     Host(Vec<(Elems, Elems)>),
+}
+
+/// Keys and values of some consecutive positions of every layer, copied out of a cache
+/// ([`KvCache::export`]) to be written into another one ([`KvCache::import`]).
+#[derive(Debug)]
+pub struct KvBlock {
+    store: Store,
+    len: usize,
+}
+
+impl KvBlock {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        match &self.store {
+            Store::Tensors(l) => l.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum(),
+            Store::Host(l) => l.iter().map(|(k, v)| k.nbytes() + v.nbytes()).sum(),
+        }
+    }
+}
+
+/// `n` positions of every head, from position `from` of a `[heads, from_cap, ·]` buffer to
+/// position `to` of a `[heads, to_cap, ·]` one.
+struct Span {
+    heads: usize,
+    from_cap: usize,
+    from: usize,
+    to_cap: usize,
+    to: usize,
+    n: usize,
+}
+
+impl Span {
+    fn copy<T: Copy>(&self, src: &[T], dst: &mut [T], per: usize) {
+        for h in 0..self.heads {
+            let (a, b) = ((h * self.from_cap + self.from) * per, (h * self.to_cap + self.to) * per);
+            dst[b..b + self.n * per].copy_from_slice(&src[a..a + self.n * per]);
+        }
+    }
 }
 
 /// Keys and values of every layer for one sequence.
@@ -441,6 +517,53 @@ impl KvCache {
         }
         self.len = target;
         self.long = long;
+        Ok(())
+    }
+
+    /// A copy of positions `start..start + n` of every layer (for the prefix cache).
+    pub fn export(&self, start: usize, n: usize) -> Result<KvBlock> {
+        if start + n > self.len {
+            return Err(Error::Request(format!("cannot export positions {start}..{} of {} cached", start + n, self.len)));
+        }
+        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let store = match &self.store {
+            Store::Tensors(l) => {
+                let copy = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(1, start, n)?.contiguous()?.copy()?) };
+                Store::Tensors(l.iter().map(|(k, v)| Ok((copy(k)?, copy(v)?))).collect::<Result<_>>()?)
+            }
+            Store::Host(l) => {
+                let span = Span { heads: h, from_cap: cap, from: start, to_cap: n, to: 0, n };
+                Store::Host(l.iter().map(|(k, v)| (k.copy_span(&span, d), v.copy_span(&span, d))).collect())
+            }
+        };
+        Ok(KvBlock { store, len: n })
+    }
+
+    /// Writes `block` at positions `start..start + block.len()` and marks the cache filled to
+    /// there (the rotation mode is the caller's: [`KvCache::reset`] first). The block must
+    /// come from a cache of the same format.
+    pub fn import(&mut self, start: usize, block: &KvBlock) -> Result<()> {
+        let n = block.len;
+        self.check(0, start, n)?;
+        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let mismatch = || Error::Request("a cached KV block differs from this cache in format or shape".into());
+        match (&mut self.store, &block.store) {
+            (Store::Tensors(to), Store::Tensors(from)) if to.len() == from.len() => {
+                for ((kc, vc), (k, v)) in to.iter().zip(from) {
+                    kc.slice_set(k, 1, start)?;
+                    vc.slice_set(v, 1, start)?;
+                }
+            }
+            (Store::Host(to), Store::Host(from)) if to.len() == from.len() => {
+                let span = Span { heads: h, from_cap: n, from: 0, to_cap: cap, to: start, n };
+                for ((kc, vc), (k, v)) in to.iter_mut().zip(from) {
+                    kc.paste_span(k, &span, d).ok_or_else(mismatch)?;
+                    vc.paste_span(v, &span, d).ok_or_else(mismatch)?;
+                }
+            }
+            _ => return Err(mismatch()),
+        }
+        self.len = start + n;
         Ok(())
     }
 

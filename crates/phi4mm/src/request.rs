@@ -138,5 +138,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub mode: Mode,
     pub timings: Timings,
+    /// Prompt positions whose KV came from the scheduler's prefix cache (OpenAI's
+    /// `usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
 }
 

@@ -2,7 +2,10 @@
 //! bit-identical alone and in a mixed batch of 8 (text, sampled text, image, two audios,
 //! image + audio, one crossing the 4096-token LongRoPE threshold), prompts prefilled in small
 //! chunks equal the one-piece prefill of `Engine::generate`, cancellation frees the sequence at
-//! the next step, and a full queue or an over-budget request is a clear error.
+//! the next step, and a full queue or an over-budget request is a clear error. The prefix
+//! cache: turn 2 of a conversation (with an image, with audio) and a repeated mixed batch
+//! reuse cached blocks and media and give exactly the cold run's bits, adapters never share
+//! blocks, and eviction keeps the cache inside the KV budget.
 
 mod common;
 
@@ -12,10 +15,10 @@ use candle_core::DType;
 use common::*;
 use phi4mm::engine::Prepared;
 use phi4mm::scheduler::DEFAULT_PREFILL_CHUNK;
-use phi4mm::{Engine, Error, Event, GenerateRequest, MediaInput, Message, PromptInput, RequestId, SamplingParams, Scheduler, SchedulerOptions};
+use phi4mm::{Completion, Engine, Error, Event, GenerateRequest, MediaInput, Message, PromptInput, RequestId, SamplingParams, Scheduler, SchedulerOptions};
 
 fn opts(max_batch: usize, prefill_chunk: usize) -> SchedulerOptions {
-    SchedulerOptions { max_batch, max_queue: 16, kv_budget: 1 << 20, prefill_chunk }
+    SchedulerOptions { max_batch, max_queue: 16, kv_budget: 1 << 20, prefill_chunk, ..SchedulerOptions::single() }
 }
 
 fn chat(text: &str, images: &[&str], audios: &[&str]) -> GenerateRequest {
@@ -58,8 +61,17 @@ fn mixed(engine: &Engine) -> Vec<(GenerateRequest, Prepared)> {
 /// Runs every request to the end; returns (tokens, logprob bits) per submission index.
 fn run_all(engine: &Engine, o: SchedulerOptions, reqs: &[(GenerateRequest, Prepared)]) -> Vec<(Vec<u32>, Vec<u32>)> {
     let mut s = Scheduler::new(engine, o);
+    run_on(&mut s, reqs).into_iter().map(|c| (bits(&c), c)).map(|(b, c)| (c.tokens, b)).collect()
+}
+
+fn bits(c: &Completion) -> Vec<u32> {
+    c.logprobs.iter().map(|t| t.logprob.to_bits()).collect()
+}
+
+/// Runs every request to the end on `s`; the completions per submission index.
+fn run_on(s: &mut Scheduler, reqs: &[(GenerateRequest, Prepared)]) -> Vec<Completion> {
     let ids: Vec<RequestId> = reqs.iter().map(|(r, p)| s.submit_prepared(r.clone(), p.clone()).unwrap()).collect();
-    let mut done: HashMap<RequestId, (Vec<u32>, Vec<u32>)> = HashMap::new();
+    let mut done: HashMap<RequestId, Completion> = HashMap::new();
     for _ in 0..10_000 {
         if s.is_idle() {
             break;
@@ -67,13 +79,13 @@ fn run_all(engine: &Engine, o: SchedulerOptions, reqs: &[(GenerateRequest, Prepa
         for e in s.step() {
             match e {
                 Event::Done { id, completion } => {
-                    let lps = completion.logprobs.iter().map(|t| t.logprob.to_bits()).collect();
-                    done.insert(id, (completion.tokens, lps));
+                    done.insert(id, completion);
                 }
                 Event::Failed { id, error } => panic!("request {id} failed: {error}"),
                 _ => {}
             }
         }
+        assert!(s.kv_reserved() + s.cache_stats().positions <= s.options().kv_budget, "the prefix cache stays inside the budget");
     }
     ids.iter().map(|id| done.remove(id).expect("every request ends")).collect()
 }
@@ -138,7 +150,7 @@ fn a_full_queue_and_an_over_budget_request_are_clear_errors() {
     let (req, prep) = &reqs[0];
     let need = prep.ids.len() + req.max_new_tokens;
     // Room for one sequence at a time: the second waits until the first ends.
-    let mut s = Scheduler::new(&engine, SchedulerOptions { max_batch: 8, max_queue: 2, kv_budget: need + 10, prefill_chunk: 64 });
+    let mut s = Scheduler::new(&engine, SchedulerOptions { max_batch: 8, max_queue: 2, kv_budget: need + 10, prefill_chunk: 64, ..SchedulerOptions::single() });
     let first = s.submit_prepared(req.clone(), prep.clone()).unwrap();
     let second = s.submit_prepared(req.clone(), prep.clone()).unwrap();
     s.step();
@@ -179,4 +191,99 @@ fn the_8_bit_kv_cache_batches_with_the_same_bits() {
         let alone = run_all(&engine, opts(1, DEFAULT_PREFILL_CHUNK), std::slice::from_ref(r));
         assert_eq!(alone[0], together[i], "request {i} with the 8-bit cache");
     }
+}
+
+/// Scheduler options with the prefix and media caches on.
+fn cached(kv_budget: usize) -> SchedulerOptions {
+    SchedulerOptions { prefix_cache: true, media_cache_bytes: 64 << 20, kv_budget, ..opts(8, DEFAULT_PREFILL_CHUNK) }
+}
+
+/// A system prompt of a few hundred tokens, so conversations span several 256-row blocks.
+fn system() -> Message {
+    let words: Vec<String> = (0..420).map(|i| format!("rule{} ", i * 37 % 1000)).collect();
+    Message::new("system", words.concat())
+}
+
+/// Turn 1 (`first` with its media) and turn 2 (turn 1, the reply, then `second`).
+fn conversation(engine: &Engine, first: &str, images: &[&str], audios: &[&str], second: &str) -> Completion {
+    let mut s = Scheduler::new(engine, cached(1 << 20));
+    let mut t1 = chat(first, images, audios);
+    let PromptInput::Chat(msgs) = &mut t1.prompt else { unreachable!() };
+    msgs.insert(0, system());
+    let p1 = engine.prepare(&t1).unwrap();
+    let c1 = run_on(&mut s, &[(t1.clone(), p1.clone())]).remove(0);
+    assert_eq!(c1.cached_tokens, 0, "nothing is cached before turn 1");
+    let mut t2 = t1.clone();
+    let PromptInput::Chat(msgs) = &mut t2.prompt else { unreachable!() };
+    msgs.push(Message::new("assistant", c1.text.clone()));
+    msgs.push(Message::new("user", second.to_string()));
+    let p2 = engine.prepare(&t2).unwrap();
+    assert_eq!(&p2.ids[..p1.ids.len()], &p1.ids[..], "turn 2 starts with turn 1's prompt");
+    let media_before = s.cache_stats().media_misses;
+    let warm = run_on(&mut s, &[(t2.clone(), p2.clone())]).remove(0);
+    let cold = engine.generate_prepared(&p2, &t2, |_| true).unwrap();
+    assert_eq!((&warm.tokens, bits(&warm)), (&cold.tokens, bits(&cold)), "turn 2 with the prefix cache equals a cold run");
+    assert_eq!(cold.cached_tokens, 0);
+    // Every full block of turn 1's prompt is reused; the media are not encoded again.
+    assert!(warm.cached_tokens >= p1.ids.len() / DEFAULT_PREFILL_CHUNK * DEFAULT_PREFILL_CHUNK, "{} cached", warm.cached_tokens);
+    assert!(warm.cached_tokens > 0 && warm.cached_tokens % DEFAULT_PREFILL_CHUNK == 0);
+    assert_eq!(s.cache_stats().media_misses, media_before, "the media came from the cache");
+    warm
+}
+
+#[test]
+fn turn_two_of_a_conversation_reuses_the_prefix_and_the_media_and_equals_a_cold_run() {
+    let engine = load_tiny(DType::F32);
+    conversation(&engine, "What is shown?", &["wide_500x300.png"], &[], "And which colours?");
+    conversation(&engine, "Transcribe the audio clip into text.", &[], &["speech_10s_16k.wav"], "Now in French.");
+    let bf16 = load_tiny(DType::BF16);
+    conversation(&bf16, "Answer the spoken question about the image.", &["square_448x448.png"], &["speech_1s_16k.wav"], "Why?");
+}
+
+#[test]
+fn a_repeated_mixed_batch_is_served_from_the_cache_with_the_cold_bits() {
+    let engine = load_tiny(DType::F32);
+    let reqs = mixed(&engine);
+    let cold = run_all(&engine, opts(8, DEFAULT_PREFILL_CHUNK), &reqs);
+    let mut s = Scheduler::new(&engine, cached(1 << 20));
+    for round in 0..2 {
+        let got = run_on(&mut s, &reqs);
+        for (i, c) in got.iter().enumerate() {
+            assert_eq!((c.tokens.clone(), bits(c)), cold[i], "round {round}: request {i} differs from the cold run");
+        }
+        // Round 2: the 4090-token prompt restores its 15 full blocks (the re-prefill after the
+        // LongRoPE crossing restores its long-mode blocks too).
+        assert_eq!(got[6].cached_tokens, if round == 0 { 0 } else { 15 * DEFAULT_PREFILL_CHUNK });
+    }
+    let st = s.cache_stats();
+    assert!(st.media_hits >= 4, "{st:?}");
+    assert!(st.reused_positions as usize >= 2 * 15 * DEFAULT_PREFILL_CHUNK, "prompt and re-prefill blocks reused: {st:?}");
+}
+
+#[test]
+fn adapters_never_share_blocks_and_eviction_keeps_to_the_budget() {
+    let engine = load_tiny(DType::F32);
+    let with_system = |mut r: GenerateRequest| {
+        let PromptInput::Chat(msgs) = &mut r.prompt else { unreachable!() };
+        msgs.insert(0, system());
+        let p = engine.prepare(&r).unwrap();
+        (r, p)
+    };
+    let text = with_system(chat("Say hello.", &[], &[]));
+    let speech = with_system(chat("Transcribe the audio clip into text.", &[], &["speech_1s_16k.wav"]));
+    let text2 = with_system(chat("Say goodbye.", &[], &[]));
+    // Budget: one sequence and two blocks.
+    let need = text.1.ids.len().max(speech.1.ids.len()) + 12;
+    let mut s = Scheduler::new(&engine, cached(need + 2 * DEFAULT_PREFILL_CHUNK));
+    for (r, p) in [&text, &text2, &speech, &text] {
+        let warm = run_on(&mut s, &[(r.clone(), p.clone())]).remove(0);
+        let cold = engine.generate_prepared(p, r, |_| true).unwrap();
+        assert_eq!((&warm.tokens, bits(&warm)), (&cold.tokens, bits(&cold)));
+        if p.mode != phi4mm::Mode::Text {
+            assert_eq!(warm.cached_tokens, 0, "the speech adapter's KV differs: no text block is reused");
+        }
+    }
+    let st = s.cache_stats();
+    assert!(st.hits >= 1 && st.evicted_blocks > 0, "{st:?}");
+    assert!(st.positions <= 2 * DEFAULT_PREFILL_CHUNK);
 }

@@ -16,6 +16,7 @@
 //! KV budget; a request waits in a bounded queue until that fits, and a full queue is
 //! [`Error::QueueFull`].
 
+mod prefix;
 mod seq;
 
 use std::collections::VecDeque;
@@ -24,6 +25,8 @@ use crate::decoder::DecodeRow;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::request::{Completion, FinishReason, GenerateRequest, Prepared, TokenInfo};
+use prefix::PrefixCache;
+pub use prefix::CacheStats;
 use seq::{Phase, Seq};
 
 /// A request's handle.
@@ -50,15 +53,42 @@ pub struct SchedulerOptions {
     /// Most prompt rows prefilled per step ([`DEFAULT_PREFILL_CHUNK`]; another value changes
     /// the last bits of the prefill, so results then differ from [`Engine::generate`]'s).
     pub prefill_chunk: usize,
+    /// Keep the KV of prompt blocks for later requests that start the same way (they count
+    /// against `kv_budget`, evicted least recently used first).
+    pub prefix_cache: bool,
+    /// Bytes of encoded media features kept for later requests with the same image or audio
+    /// (0: none).
+    pub media_cache_bytes: usize,
 }
 
 impl SchedulerOptions {
-    /// Defaults for `engine`: batches of 8, a queue of 64, chunks of 256 rows, and a KV
-    /// budget of half the memory available now (at least one full context).
+    /// Defaults for `engine`: batches of 8, a queue of 64, chunks of 256 rows, a KV budget of
+    /// half the memory available now (at least one full context), the prefix cache on and
+    /// 512 MiB of media features.
     pub fn for_engine(engine: &Engine) -> Self {
         let per = engine.decoder().kv_bytes_per_position().max(1);
         let half = available_memory().map_or(usize::MAX, |b| b / 2 / per);
-        SchedulerOptions { max_batch: 8, max_queue: 64, kv_budget: half.max(engine.max_context()), prefill_chunk: DEFAULT_PREFILL_CHUNK }
+        SchedulerOptions {
+            kv_budget: half.max(engine.max_context()),
+            ..SchedulerOptions::single()
+        }
+        .with_caches()
+    }
+
+    /// One request at a time with no caches and no budget (what [`Engine::generate`] runs).
+    pub fn single() -> Self {
+        SchedulerOptions {
+            max_batch: 1,
+            max_queue: 1,
+            kv_budget: usize::MAX,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            prefix_cache: false,
+            media_cache_bytes: 0,
+        }
+    }
+
+    fn with_caches(self) -> Self {
+        SchedulerOptions { max_batch: 8, max_queue: 64, prefix_cache: true, media_cache_bytes: 512 << 20, ..self }
     }
 
     /// A budget of `gib` GiB of KV cache, in positions of `engine`'s cache format.
@@ -129,11 +159,18 @@ pub struct Scheduler<'e> {
     running: Vec<Seq<'e>>,
     cancelled: Vec<RequestId>,
     next_id: RequestId,
+    cache: PrefixCache,
 }
 
 impl<'e> Scheduler<'e> {
     pub fn new(engine: &'e Engine, opts: SchedulerOptions) -> Self {
-        Scheduler { engine, opts, waiting: VecDeque::new(), running: Vec::new(), cancelled: Vec::new(), next_id: 1 }
+        let cache = PrefixCache::new(opts.prefill_chunk, opts.prefix_cache, opts.media_cache_bytes);
+        Scheduler { engine, opts, waiting: VecDeque::new(), running: Vec::new(), cancelled: Vec::new(), next_id: 1, cache }
+    }
+
+    /// What the prefix and media caches hold and did.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     pub fn options(&self) -> &SchedulerOptions {
@@ -227,7 +264,13 @@ impl<'e> Scheduler<'e> {
         }
     }
 
-    /// Admits waiting requests in order while the batch and the KV budget have room.
+    /// KV budget positions not reserved by running sequences (the prefix cache may use them).
+    fn room(&self) -> usize {
+        self.opts.kv_budget.saturating_sub(self.kv_reserved())
+    }
+
+    /// Admits waiting requests in order while the batch and the KV budget have room (cached
+    /// blocks give way), restoring each one's cached prefix.
     fn admit(&mut self, events: &mut Vec<Event>) {
         while self.running.len() < self.opts.max_batch {
             let Some(w) = self.waiting.front() else { break };
@@ -236,15 +279,18 @@ impl<'e> Scheduler<'e> {
             }
             let Some(w) = self.waiting.pop_front() else { break };
             let cap = w.need.min(w.prepared.ids.len() + CACHE_STEP);
-            let seq = self
-                .engine
-                .decoder()
-                .new_cache(cap)
-                .and_then(|cache| Seq::new(self.engine, w.id, w.req, w.prepared, w.need, cache));
+            let (engine, pc) = (self.engine, &mut self.cache);
+            let seq = engine.decoder().new_cache(cap).and_then(|cache| {
+                let mut s = Seq::new(engine, w.id, w.req, w.prepared, w.need, cache, pc)?;
+                s.restore(engine, pc, false)?;
+                Ok(s)
+            });
             match seq {
                 Ok(s) => self.running.push(s),
                 Err(error) => events.push(Event::Failed { id: w.id, error }),
             }
+            let room = self.room();
+            self.cache.shrink_to(room);
         }
     }
 
@@ -259,7 +305,12 @@ impl<'e> Scheduler<'e> {
             }
             match s.prepare_step(engine) {
                 Ok(true) => ready.push(i),
-                Ok(false) => {}
+                // Back to prefill (LongRoPE crossing): that may be cached too.
+                Ok(false) => {
+                    if let Err(e) = s.restore(engine, &mut self.cache, true) {
+                        failed.push((i, e));
+                    }
+                }
                 Err(e) => failed.push((i, e)),
             }
         }
@@ -306,11 +357,12 @@ impl<'e> Scheduler<'e> {
     fn prepare_one(&mut self, events: &mut Vec<Event>) {
         let engine = self.engine;
         let chunk = self.opts.prefill_chunk;
+        let room = self.room();
         let Some(i) = self.running.iter().position(|s| s.phase != Phase::Decode) else { return };
         let s = &mut self.running[i];
         let r = match s.phase {
-            Phase::Encode => s.encode_next(engine, events).map(|_| false),
-            _ => s.prefill(engine, chunk, events),
+            Phase::Encode => s.encode_next(engine, &mut self.cache, events).map(|_| false),
+            _ => s.prefill(engine, chunk, &mut self.cache, room, events),
         };
         match r {
             Ok(true) => self.retire(vec![i], Vec::new(), events),

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+use super::prefix::{Key, MediaKeys, PrefixCache};
 use super::{Event, RequestId, Stage};
 use crate::detok::{StopMatcher, StreamDecoder};
 use crate::engine::Engine;
@@ -54,10 +55,17 @@ pub(super) struct Seq<'e> {
     started: Instant,
     first: Option<Instant>,
     prefill_s: f64,
+    /// Content keys of the media, when the scheduler caches.
+    media_keys: Option<MediaKeys>,
+    /// Prefix-cache keys of the full blocks of the rows being prefilled.
+    keys: Vec<Key>,
+    /// Prompt positions restored from the prefix cache.
+    cached: usize,
 }
 
 impl<'e> Seq<'e> {
-    pub fn new(engine: &'e Engine, id: RequestId, req: GenerateRequest, prepared: Prepared, reserved: usize, cache: KvCache) -> Result<Self> {
+    pub fn new(engine: &'e Engine, id: RequestId, req: GenerateRequest, prepared: Prepared, reserved: usize, cache: KvCache, pc: &PrefixCache) -> Result<Self> {
+        let media_keys = pc.enabled().then(|| pc.media_keys(&prepared));
         let sampler = Sampler::new(req.sampling.clone())?.with_mask(req.mask.clone());
         let phase = if prepared.images.is_empty() && prepared.audios.is_empty() { Phase::Prefill } else { Phase::Encode };
         Ok(Seq {
@@ -83,7 +91,32 @@ impl<'e> Seq<'e> {
             started: Instant::now(),
             first: None,
             prefill_s: 0.0,
+            media_keys,
+            keys: Vec::new(),
+            cached: 0,
         })
+    }
+
+    /// Restores the longest cached prefix of the rows about to be prefilled — the prompt at
+    /// admission, or prompt and output on the LongRoPE re-prefill (`with_outputs`; the cache
+    /// is already reset then) — and remembers their block keys so the blocks it computes can
+    /// be kept. At least the last row is always prefilled (its logits are needed).
+    pub fn restore(&mut self, engine: &Engine, pc: &mut PrefixCache, with_outputs: bool) -> Result<()> {
+        let Some(media) = &self.media_keys else { return Ok(()) };
+        let outputs: &[u32] = if with_outputs { &self.tokens } else { &[] };
+        let rows = self.prepared.ids.len() + outputs.len();
+        let long = engine.decoder().rope().is_long(rows);
+        self.keys = pc.chain(&self.prepared.ids, outputs, media, self.adapter(), long);
+        if !with_outputs {
+            self.cache.reset(long);
+        }
+        let limit = self.limit();
+        let got = pc.restore(&self.keys, (rows - 1) / pc.block(), &mut self.cache, limit)?;
+        self.filled = got;
+        if !with_outputs {
+            self.cached = got;
+        }
+        Ok(())
     }
 
     pub fn adapter(&self) -> Option<Adapter> {
@@ -96,20 +129,47 @@ impl<'e> Seq<'e> {
     }
 
     /// Encodes the next piece of media: all audios (the encoder batches them as the reference
-    /// does), else the next image. When none is left, merges them into the embeddings.
-    pub fn encode_next(&mut self, engine: &Engine, events: &mut Vec<Event>) -> Result<()> {
-        let p = &self.prepared;
+    /// does), else the next image; pieces found in the media cache are taken on the way. When
+    /// none is left, merges them into the embeddings.
+    pub fn encode_next(&mut self, engine: &Engine, pc: &mut PrefixCache, events: &mut Vec<Event>) -> Result<()> {
         let id = self.id;
-        if !p.audios.is_empty() && self.audio.is_none() {
-            let windows = std::cell::RefCell::new(Vec::new());
-            let progress = |done: usize, total: usize| windows.borrow_mut().push((done, total));
-            self.audio = engine.encode_audios(p, Some(&progress))?;
-            let last = windows.into_inner().pop().unwrap_or((1, 1));
-            events.push(Event::Progress { id, stage: Stage::Audio, done: last.0, total: last.1 });
-        } else if self.images.len() < p.images.len() {
-            self.images.push(engine.encode_image(&p.images[self.images.len()])?);
-            events.push(Event::Progress { id, stage: Stage::Images, done: self.images.len(), total: p.images.len() });
+        let mut encoded = false;
+        while !encoded {
+            let p = &self.prepared;
+            if !p.audios.is_empty() && self.audio.is_none() {
+                let key = self.media_keys.as_ref().and_then(|m| m.audio);
+                let (feats, windows) = match pc.media(key) {
+                    Some(f) => (f, (1, 1)),
+                    None => {
+                        encoded = true;
+                        let windows = std::cell::RefCell::new((1, 1));
+                        let progress = |done: usize, total: usize| *windows.borrow_mut() = (done, total);
+                        let f = engine.encode_audios(p, Some(&progress))?.ok_or_else(|| crate::Error::Request("no audio features".into()))?;
+                        pc.keep_media(key, &f);
+                        (f, windows.into_inner())
+                    }
+                };
+                self.audio = Some(feats);
+                events.push(Event::Progress { id, stage: Stage::Audio, done: windows.0, total: windows.1 });
+            } else if self.images.len() < p.images.len() {
+                let i = self.images.len();
+                let key = self.media_keys.as_ref().and_then(|m| m.images.get(i)).map(|k| k.0);
+                let feats = match pc.media(key) {
+                    Some(f) => f,
+                    None => {
+                        encoded = true;
+                        let f = engine.encode_image(&p.images[i])?;
+                        pc.keep_media(key, &f);
+                        f
+                    }
+                };
+                self.images.push(feats);
+                events.push(Event::Progress { id, stage: Stage::Images, done: i + 1, total: p.images.len() });
+            } else {
+                break;
+            }
         }
+        let p = &self.prepared;
         if (p.audios.is_empty() || self.audio.is_some()) && self.images.len() == p.images.len() {
             self.emb = Some(engine.merge_media(p, self.audio.as_ref(), &self.images)?);
             self.audio = None;
@@ -119,9 +179,10 @@ impl<'e> Seq<'e> {
         Ok(())
     }
 
-    /// Prefills up to `budget` rows; after the last one samples the first (or, after a
-    /// re-prefill, the next) token. True when that token ended the sequence.
-    pub fn prefill(&mut self, engine: &Engine, budget: usize, events: &mut Vec<Event>) -> Result<bool> {
+    /// Prefills up to `budget` rows; a full block is kept in the prefix cache while `room`
+    /// budget positions allow. After the last row samples the first (or, after a re-prefill,
+    /// the next) token. True when that token ended the sequence.
+    pub fn prefill(&mut self, engine: &Engine, budget: usize, pc: &mut PrefixCache, room: usize, events: &mut Vec<Event>) -> Result<bool> {
         let dec = engine.decoder();
         if self.todo.is_none() {
             let emb = match self.emb.take() {
@@ -131,8 +192,11 @@ impl<'e> Seq<'e> {
             self.long = dec.rope().is_long(emb.dim(0)?);
             self.todo = Some(emb.clone());
             self.emb = Some(emb);
-            self.filled = 0;
-            self.cache.reset(self.long);
+            // A prefix restored at admission is already in the cache.
+            if self.cache.is_empty() {
+                self.cache.reset(self.long);
+            }
+            self.filled = self.cache.len();
         }
         let todo = self.todo.as_ref().map(Tensor::clone).ok_or_else(|| crate::Error::Request("nothing to prefill".into()))?;
         let total = todo.dim(0)?;
@@ -140,6 +204,10 @@ impl<'e> Seq<'e> {
         self.cache.reserve(self.filled + len, self.limit())?;
         let adapter = self.adapter();
         let h = dec.forward_as(&todo.narrow(0, self.filled, len)?, &mut self.cache, adapter, self.long, None)?;
+        let depth = self.filled / pc.block();
+        if len == pc.block() && self.filled % pc.block() == 0 && depth < self.keys.len() {
+            pc.keep(&self.keys[..=depth], &self.cache, room)?;
+        }
         self.filled += len;
         events.push(Event::Progress { id: self.id, stage: Stage::Prompt, done: self.filled, total });
         if self.filled == total {
@@ -223,6 +291,7 @@ impl<'e> Seq<'e> {
         let n = self.prepared.ids.len();
         let decode_tokens = self.tokens.len().saturating_sub(1);
         Ok(Completion {
+            cached_tokens: self.cached,
             text: std::mem::take(&mut self.text),
             prompt_tokens: self.prepared.ids.clone(),
             tokens: std::mem::take(&mut self.tokens),
