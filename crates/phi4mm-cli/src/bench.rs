@@ -50,6 +50,14 @@ pub struct BenchArgs {
     /// --mix); reports the streams' inter-token latency while they are encoded and prefilled.
     #[arg(long, default_value = "")]
     pub late: String,
+    /// Time turn 2 of a conversation about --image and/or --audio: time to first token
+    /// without and with the prefix cache (same tokens either way).
+    #[arg(long)]
+    pub turn2: bool,
+    /// KV budget for --concurrency / --turn2: GiB (`8`, `8GiB`, `512MiB`) or positions
+    /// (`20000tok`); default half the available memory.
+    #[arg(long)]
+    pub kv_budget: Option<String>,
     /// Run the audio and image encoders this many times and report the fastest (a noisy host;
     /// every time is in the JSON).
     #[arg(long, default_value_t = 1)]
@@ -166,6 +174,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.concurrency {
         return run_batch(&a, &engine, n, load_s);
     }
+    if a.turn2 {
+        return run_turn2(&a, &engine, load_s);
+    }
     let ids = crate::bench_batch::synthetic_ids(a.prompt_tokens, 0);
     let mut req = GenerateRequest::new(PromptInput::Raw(String::new()));
     req.max_new_tokens = a.gen_tokens;
@@ -264,6 +275,7 @@ fn run_batch(a: &BenchArgs, engine: &phi4mm::Engine, n: usize, load_s: f64) -> R
         gen_tokens: a.gen_tokens,
         image: a.image.as_deref(),
         audio: a.audio.as_deref(),
+        opts: crate::common::scheduler_options(engine, a.kv_budget.as_deref())?,
     };
     let mut r = b.run(engine)?;
     r["format"] = engine.format().into();
@@ -283,6 +295,27 @@ fn run_batch(a: &BenchArgs, engine: &phi4mm::Engine, n: usize, load_s: f64) -> R
         println!("admitting   ITL p50 {:.4} s  p99 {:.4} s while {} joined", f("itl_while_admitting_s_p50"), f("itl_while_admitting_s_p99"), a.late);
     }
     println!("peak RSS    {:.0} MiB", f("peak_rss_mib"));
+    Ok(())
+}
+
+/// `--turn2`: the prefix cache's time to first token on a conversation's second turn.
+fn run_turn2(a: &BenchArgs, engine: &phi4mm::Engine, load_s: f64) -> Result<()> {
+    let opts = crate::common::scheduler_options(engine, a.kv_budget.as_deref())?;
+    let mut r = crate::bench_prefix::run(engine, opts, a.image.as_deref(), a.audio.as_deref(), a.gen_tokens)?;
+    r["format"] = engine.format().into();
+    r["threads"] = candle_threads().into();
+    r["load_s"] = load_s.into();
+    r["commit"] = env!("PHI4MM_GIT_COMMIT").into();
+    if a.json {
+        println!("{r}");
+        return Ok(());
+    }
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!("weights     {}  threads {}", engine.format(), candle_threads());
+    println!("turn 1      {} prompt tokens, TTFT {:.2} s", r["turn1_prompt_tokens"], f("turn1_ttft_s"));
+    println!("turn 2      {} prompt tokens, {} from the prefix cache", r["turn2_prompt_tokens"], r["turn2_cached_tokens"]);
+    println!("TTFT        cold {:.2} s  warm {:.2} s  ratio {:.1}x", f("turn2_ttft_cold_s"), f("turn2_ttft_warm_s"), f("ttft_ratio"));
+    println!("same output {}", r["same_tokens_and_logprobs"]);
     Ok(())
 }
 

@@ -56,6 +56,7 @@ pub struct BatchBench<'a> {
     pub gen_tokens: usize,
     pub image: Option<&'a std::path::Path>,
     pub audio: Option<&'a std::path::Path>,
+    pub opts: SchedulerOptions,
 }
 
 /// Deterministic pseudo-random ids from the base vocabulary (no special tokens).
@@ -111,7 +112,7 @@ impl BatchBench<'_> {
     /// Runs the batch; the report as JSON.
     pub fn run(&self, engine: &Engine) -> Result<serde_json::Value> {
         anyhow::ensure!(self.concurrency > 0 && !self.mix.is_empty(), "--concurrency must be at least 1");
-        let mut opts = SchedulerOptions::for_engine(engine);
+        let mut opts = self.opts.clone();
         opts.max_batch = self.concurrency + self.late.len();
         opts.max_queue = opts.max_batch;
         let mut sched = Scheduler::new(engine, opts);

@@ -1,15 +1,19 @@
 //! `phi4mm chat`: an interactive conversation. Lines starting with `/` are commands:
 //! `/image PATH` and `/audio PATH` attach media to the next message, `/system TEXT` sets the
 //! system message, `/reset` forgets the conversation, `/exit` quits.
+//!
+//! Every turn re-sends the whole conversation, as a chat client does; the scheduler's prefix
+//! cache keeps the earlier turns' KV and the encoded media, so a turn only prefills what is
+//! new (the answers are the same bits as without the cache).
 
 use std::io::BufRead;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use phi4mm::{MediaInput, Message, PromptInput};
+use phi4mm::{Event, MediaInput, Message, PromptInput, Scheduler};
 
-use crate::common::{stream_stdout, ModelArgs};
+use crate::common::{scheduler_options, ModelArgs};
 use crate::run::{system_message, GenArgs};
 
 #[derive(Args, Debug)]
@@ -24,6 +28,10 @@ pub struct ChatArgs {
     /// JSON file with tool definitions.
     #[arg(long)]
     pub tools: Option<PathBuf>,
+    /// KV budget of the conversation's prefix cache: GiB (`8`, `8GiB`, `512MiB`) or positions
+    /// (`20000tok`); default half the available memory.
+    #[arg(long)]
+    pub kv_budget: Option<String>,
 }
 
 /// The conversation so far and the media bound to its markers.
@@ -42,6 +50,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         "loaded {} in {load_s:.1}s. Type a message; /image PATH, /audio PATH, /system TEXT, /reset, /exit.",
         engine.model_dir().display()
     );
+    let mut sched = Scheduler::new(&engine, scheduler_options(&engine, a.kv_budget.as_deref())?);
     let mut system = system_message(a.system.as_deref(), a.tools.as_ref())?;
     let mut conv = Conversation::default();
     let stdin = std::io::stdin();
@@ -96,7 +105,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         req.images.extend(conv.pending_images.iter().cloned().map(MediaInput::Path));
         req.audios = conv.audios.clone();
         req.audios.extend(conv.pending_audios.iter().cloned().map(MediaInput::Path));
-        let result = engine.generate(&req, stream_stdout(false));
+        let result = sched.submit(req.clone()).and_then(|id| sched.run_to_end(id, print_tokens));
         println!();
         match result {
             Ok(c) => {
@@ -111,4 +120,15 @@ pub fn run(a: ChatArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Streams each token's text to stdout.
+fn print_tokens(e: &Event) -> bool {
+    use std::io::Write;
+    if let Event::Token { text, .. } = e {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+    }
+    true
 }

@@ -128,3 +128,12 @@ pub fn stream_stdout(quiet: bool) -> impl FnMut(&phi4mm::Step) -> bool {
         true
     }
 }
+
+/// The scheduler's defaults for `engine`, with `--kv-budget` if given.
+pub fn scheduler_options(engine: &phi4mm::Engine, kv_budget: Option<&str>) -> anyhow::Result<phi4mm::SchedulerOptions> {
+    let mut o = phi4mm::SchedulerOptions::for_engine(engine);
+    if let Some(b) = kv_budget {
+        o.kv_budget = phi4mm::SchedulerOptions::parse_kv_budget(engine, b)?;
+    }
+    Ok(o)
+}

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_batch;
+mod bench_prefix;
 mod chat;
 mod common;
 mod quantize;

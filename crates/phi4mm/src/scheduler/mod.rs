@@ -87,6 +87,26 @@ impl SchedulerOptions {
         }
     }
 
+    /// A KV budget written as GiB (`8`, `8GiB`, `1.5G`), MiB (`512MiB`, `512M`) or positions
+    /// (`20000tok`, `20000positions`), in positions of `engine`'s cache format.
+    pub fn parse_kv_budget(engine: &Engine, s: &str) -> Result<usize> {
+        let t = s.trim().to_ascii_lowercase();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let bad = || Error::Request(format!("bad KV budget `{s}`: use GiB (`8`, `8GiB`), MiB (`512MiB`) or positions (`20000tok`)"));
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let positions = match unit.trim() {
+            "" | "g" | "gb" | "gib" => Self::kv_budget_gib(engine, n),
+            "m" | "mb" | "mib" => Self::kv_budget_gib(engine, n / 1024.0),
+            "tok" | "tokens" | "positions" | "pos" => n as usize,
+            _ => return Err(bad()),
+        };
+        if !(n.is_finite() && n > 0.0) || positions == 0 {
+            return Err(bad());
+        }
+        Ok(positions)
+    }
+
     fn with_caches(self) -> Self {
         SchedulerOptions { max_batch: 8, max_queue: 64, prefix_cache: true, media_cache_bytes: 512 << 20, ..self }
     }
@@ -343,7 +363,7 @@ impl<'e> Scheduler<'e> {
     fn retire(&mut self, ended: Vec<usize>, failed: Vec<(usize, Error)>, events: &mut Vec<Event>) {
         let mut gone: Vec<(usize, Option<Error>)> = ended.into_iter().map(|i| (i, None)).collect();
         gone.extend(failed.into_iter().map(|(i, e)| (i, Some(e))));
-        gone.sort_by(|a, b| b.0.cmp(&a.0));
+        gone.sort_by_key(|g| std::cmp::Reverse(g.0));
         gone.dedup_by_key(|g| g.0);
         for (i, error) in gone {
             let s = self.running.remove(i);

@@ -198,14 +198,14 @@ impl<'e> Seq<'e> {
             }
             self.filled = self.cache.len();
         }
-        let todo = self.todo.as_ref().map(Tensor::clone).ok_or_else(|| crate::Error::Request("nothing to prefill".into()))?;
+        let todo = self.todo.clone().ok_or_else(|| crate::Error::Request("nothing to prefill".into()))?;
         let total = todo.dim(0)?;
         let len = budget.max(1).min(total - self.filled);
         self.cache.reserve(self.filled + len, self.limit())?;
         let adapter = self.adapter();
         let h = dec.forward_as(&todo.narrow(0, self.filled, len)?, &mut self.cache, adapter, self.long, None)?;
         let depth = self.filled / pc.block();
-        if len == pc.block() && self.filled % pc.block() == 0 && depth < self.keys.len() {
+        if len == pc.block() && self.filled.is_multiple_of(pc.block()) && depth < self.keys.len() {
             pc.keep(&self.keys[..=depth], &self.cache, room)?;
         }
         self.filled += len;
