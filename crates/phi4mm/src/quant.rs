@@ -552,7 +552,7 @@ type ActRow<'a> = ((((&'a mut [i8], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]
 /// One activation row (see [`QActs`]).
 fn quantize_act_row(x: &[f32], q: &mut [i8], qi: &mut [i8], d: &mut [f32], s: &mut [i32], ds: &mut [f32], qtype: QType) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::kernels::cpu::cpu().avx512f {
         // SAFETY: the feature was just detected.
         unsafe { quantize_blocks_avx512(x, q, d, s, ds) };
     } else {

@@ -194,11 +194,11 @@ impl<'a, T: Widen> Task<'a, T> {
             sc.resize(G * self.keys.len(), 0.0);
             #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if super::cpu::cpu().avx512f {
                     // SAFETY: the feature was just detected.
                     return unsafe { self.avx512::<G>(sc, out) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if super::cpu::cpu().avx2 {
                     // SAFETY: the features were just detected.
                     return unsafe { self.avx2::<G>(sc, out) };
                 }

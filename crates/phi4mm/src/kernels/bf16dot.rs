@@ -18,9 +18,7 @@ use crate::quant::{unpack_block, QType, BLOCK, GROUP};
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+        super::cpu::cpu().avx512bf16
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -33,7 +33,7 @@ pub const WR: usize = 12;
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        super::cpu::cpu().avx512f
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -23,6 +23,7 @@ pub(crate) mod attend;
 pub mod attention;
 pub mod batch;
 mod bf16dot;
+pub mod cpu;
 pub mod elementwise;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod f32gemm;
@@ -392,11 +393,11 @@ unsafe impl Sync for SharedOut {}
 fn dot(x: &[f32], w: &[bf16]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if cpu::cpu().avx512f {
             // SAFETY: the feature was just detected.
             return unsafe { dot_avx512(x, w) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if cpu::cpu().avx2 {
             // SAFETY: the features were just detected.
             return unsafe { dot_avx2(x, w) };
         }

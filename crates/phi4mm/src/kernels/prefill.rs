@@ -109,7 +109,7 @@ pub(super) fn quant_gemm(x: &[f32], n: usize, q: &QMatrix) -> Vec<f32> {
     let start = qgemm::start_sums(&acts, q.qtype());
     let mut y = vec![0f32; n * out];
     let ptr = SharedOut(y.as_mut_ptr());
-    row_blocks(W_BLOCK_BYTES, q.qtype().row_bytes(k), out, qgemm::MR).into_par_iter().for_each(|(first, rows)| {
+    row_blocks(W_BLOCK_BYTES, q.qtype().row_bytes(k), out, qgemm::tile_rows()).into_par_iter().for_each(|(first, rows)| {
         let p = ptr;
         // SAFETY: `takes` checked the CPU and the width; `acts` holds n rows quantised for
         // q's format; this task writes only columns first..first+rows of `y` (n·out values).

@@ -49,9 +49,7 @@ pub type QDot = unsafe fn(&[u8], &[f16], XRow<'_>) -> f32;
 pub fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
+        super::cpu::cpu().vnni
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -70,10 +68,7 @@ pub fn select(qtype: QType) -> QDot {
                 QType::Q6_0 => x86::q6_avx512,
             };
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if super::cpu::cpu().avx2_f16c {
             return match qtype {
                 QType::Q8_0 => x86::q8_avx2,
                 QType::Q4_0 => x86::q4_avx2,
@@ -105,10 +100,7 @@ pub fn all(qtype: QType) -> Vec<(&'static str, QDot)> {
             };
             v.push(("avx512-vnni", k));
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if super::cpu::cpu().avx2_f16c {
             let k: QDot = match qtype {
                 QType::Q8_0 => x86::q8_avx2,
                 QType::Q4_0 => x86::q4_avx2,
@@ -134,7 +126,7 @@ fn blocks_scalar(qtype: QType, w: &[u8], d: &[f16], x: XRow<'_>, from: usize) ->
     // r = 256 or 320 values) with AVX2 integer sums: the same exact per-block sums and the same
     // f32 accumulation as below, so the same bits, 6–8× faster.
     #[cfg(target_arch = "x86_64")]
-    if qtype == QType::Q8_0 && from >= nb / crate::quant::GROUP * crate::quant::GROUP && std::arch::is_x86_feature_detected!("avx2") {
+    if qtype == QType::Q8_0 && from >= nb / crate::quant::GROUP * crate::quant::GROUP && super::cpu::cpu().avx2 {
         // SAFETY: AVX2 was just detected; tail blocks are stored plainly, 32 bytes each.
         return unsafe { x86::q8_tail_avx2(w, d, x, from) };
     }
