@@ -278,12 +278,7 @@ fn run_batch(a: &BenchArgs, engine: &phi4mm::Engine, n: usize, load_s: f64) -> R
         opts: crate::common::scheduler_options(engine, a.kv_budget.as_deref())?,
     };
     let mut r = b.run(engine)?;
-    r["format"] = engine.format().into();
-    r["threads"] = candle_threads().into();
-    r["load_s"] = load_s.into();
-    r["commit"] = env!("PHI4MM_GIT_COMMIT").into();
-    if a.json {
-        println!("{r}");
+    if stamped(&mut r, engine, load_s, a.json) {
         return Ok(());
     }
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
@@ -298,16 +293,23 @@ fn run_batch(a: &BenchArgs, engine: &phi4mm::Engine, n: usize, load_s: f64) -> R
     Ok(())
 }
 
-/// `--turn2`: the prefix cache's time to first token on a conversation's second turn.
-fn run_turn2(a: &BenchArgs, engine: &phi4mm::Engine, load_s: f64) -> Result<()> {
-    let opts = crate::common::scheduler_options(engine, a.kv_budget.as_deref())?;
-    let mut r = crate::bench_prefix::run(engine, opts, a.image.as_deref(), a.audio.as_deref(), a.gen_tokens)?;
+/// Adds the run's settings to report `r`; prints it and returns true under `--json`.
+fn stamped(r: &mut serde_json::Value, engine: &phi4mm::Engine, load_s: f64, json: bool) -> bool {
     r["format"] = engine.format().into();
     r["threads"] = candle_threads().into();
     r["load_s"] = load_s.into();
     r["commit"] = env!("PHI4MM_GIT_COMMIT").into();
-    if a.json {
+    if json {
         println!("{r}");
+    }
+    json
+}
+
+/// `--turn2`: the prefix cache's time to first token on a conversation's second turn.
+fn run_turn2(a: &BenchArgs, engine: &phi4mm::Engine, load_s: f64) -> Result<()> {
+    let opts = crate::common::scheduler_options(engine, a.kv_budget.as_deref())?;
+    let mut r = crate::bench_prefix::run(engine, opts, a.image.as_deref(), a.audio.as_deref(), a.gen_tokens)?;
+    if stamped(&mut r, engine, load_s, a.json) {
         return Ok(());
     }
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);

@@ -136,6 +136,15 @@ const Q8: u8 = 0;
 const Q4: u8 = 1;
 const Q6: u8 = 2;
 
+/// The format of the tiles' const parameter.
+const fn format<const F: u8>() -> QType {
+    match F {
+        Q8 => QType::Q8_0,
+        Q4 => QType::Q4_0,
+        _ => QType::Q6_0,
+    }
+}
+
 /// Activation rows: run-ordered quants, scales and per-block starting sums.
 #[derive(Clone, Copy)]
 struct Rows {
@@ -187,11 +196,7 @@ unsafe fn dispatch<const F: u8>(step: usize, nr: usize, w: Weights, x: Rows, nb:
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile<const M: usize, const N: usize, const F: u8>(w: Weights, x: Rows, nb: usize, out: Out) {
-    let qtype = match F {
-        Q8 => QType::Q8_0,
-        Q4 => QType::Q4_0,
-        _ => QType::Q6_0,
-    };
+    let qtype = format::<F>();
     let run = GROUP * BLOCK;
     let run_bytes = GROUP * qtype.block_bytes();
     let flip = _mm512_set1_epi8(-128);
@@ -262,11 +267,7 @@ unsafe fn dispatch_avx2<const F: u8>(step: usize, nr: usize, w: Weights, x: Rows
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<const M: usize, const N: usize, const F: u8>(w: Weights, x: Rows, nb: usize, out: Out) {
-    let qtype = match F {
-        Q8 => QType::Q8_0,
-        Q4 => QType::Q4_0,
-        _ => QType::Q6_0,
-    };
+    let qtype = format::<F>();
     let (run, run_bytes) = (GROUP * BLOCK, GROUP * qtype.block_bytes());
     let ones = _mm256_set1_epi16(1);
     let (low, top) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
