@@ -90,7 +90,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             continue;
         }
         let (ni, na) = (conv.pending_images.len(), conv.pending_audios.len());
-        let content = match phi4mm::prompt::user_content(line, ni, na) {
+        let content = match phi4mm::text::prompt::user_content(line, ni, na) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -11,7 +11,7 @@ use phi4mm::{DType, Device, Engine, LoadOptions};
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
     /// Model directory, or a hub id resolved in the Hugging Face cache.
-    #[arg(long, short = 'm', default_value = phi4mm::hub::OFFICIAL_ID)]
+    #[arg(long, short = 'm', default_value = phi4mm::model::hub::OFFICIAL_ID)]
     pub model: String,
     /// Compute dtype: bf16 (default, fits the full model in 24 GiB), f16 or f32.
     #[arg(long, default_value = "bf16")]
@@ -67,7 +67,7 @@ impl ModelArgs {
     /// Resolves and loads the model, with a progress bar on a terminal.
     pub fn load(&self) -> Result<(Engine, f64)> {
         self.apply_threads();
-        let dir: PathBuf = phi4mm::hub::resolve_model(&self.model)?;
+        let dir: PathBuf = phi4mm::model::hub::resolve_model(&self.model)?;
         let bar = ProgressBar::new(0);
         bar.set_style(
             ProgressStyle::with_template("loading {msg} {bar:40} {bytes}/{total_bytes} ({eta})")
@@ -78,8 +78,8 @@ impl ModelArgs {
         let opts = LoadOptions {
             dtype: self.dtype()?,
             device: self.device()?,
-            quant: phi4mm::quant::QType::parse(&self.quant)?,
-            kv_cache: phi4mm::kv_cache::KvFormat::parse(&self.kv_cache)?,
+            quant: phi4mm::model::quant::QType::parse(&self.quant)?,
+            kv_cache: phi4mm::decoder::kv_cache::KvFormat::parse(&self.kv_cache)?,
             text_only: self.text_only,
             progress: Some(Box::new(move |done, total| {
                 b.set_length(total);

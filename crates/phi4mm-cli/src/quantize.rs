@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
     /// Source model directory, or a hub id resolved in the Hugging Face cache.
-    #[arg(long, short = 'm', default_value = phi4mm::hub::OFFICIAL_ID)]
+    #[arg(long, short = 'm', default_value = phi4mm::model::hub::OFFICIAL_ID)]
     pub model: String,
     /// Format: q8_0, q6_0 or q4_0.
     #[arg(long, default_value = "q4_0")]
@@ -27,9 +27,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     if let Some(n) = a.threads {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    let qtype = phi4mm::quant::QType::parse(&a.quant)?
+    let qtype = phi4mm::model::quant::QType::parse(&a.quant)?
         .with_context(|| format!("--quant {} is not a quantised format (use q8_0, q6_0 or q4_0)", a.quant))?;
-    let src = phi4mm::hub::resolve_model(&a.model)?;
+    let src = phi4mm::model::hub::resolve_model(&a.model)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("quantising {bar:40} {bytes}/{total_bytes} ({eta})")
@@ -37,7 +37,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     );
     let b = bar.clone();
     let t = std::time::Instant::now();
-    let s = phi4mm::quant_file::quantize_checkpoint(
+    let s = phi4mm::model::quant_file::quantize_checkpoint(
         &src,
         qtype,
         &a.out,

@@ -109,7 +109,7 @@ pub fn system_message(system: Option<&str>, tools: Option<&PathBuf>) -> Result<O
                 .with_context(|| format!("cannot read tools file {}", p.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("tools file {} is not valid JSON", p.display()))?;
-            Some(phi4mm::tokenizer::python_json(&v))
+            Some(phi4mm::text::tokenizer::python_json(&v))
         }
         None => None,
     };
@@ -160,7 +160,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
         if let Some(m) = system_message(a.system.as_deref(), a.tools.as_ref())? {
             msgs.push(m);
         }
-        let content = phi4mm::prompt::user_content(&prompt_text, a.images.len(), a.audios.len())?;
+        let content = phi4mm::text::prompt::user_content(&prompt_text, a.images.len(), a.audios.len())?;
         msgs.push(Message::new("user", content));
         PromptInput::Chat(msgs)
     };

@@ -43,7 +43,7 @@ fn frames_directory_and_crop_cap() {
     // One crop per frame (448×448 → 545; the others are letterboxed inside one crop).
     let want: usize = [(448, 448), (500, 300), (640, 480)]
         .iter()
-        .map(|&(w, h)| phi4mm::image_prep::Layout::new(w, h, 1).unwrap().num_tokens)
+        .map(|&(w, h)| phi4mm::vision::image_prep::Layout::new(w, h, 1).unwrap().num_tokens)
         .sum();
     assert_eq!(want, 545 + 443 + 477);
     assert_eq!(ids.iter().filter(|&&t| t == 200_010).count(), want);

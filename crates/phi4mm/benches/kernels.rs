@@ -24,8 +24,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use phi4mm::kernels::{team, Matrix, VecScratch};
-use phi4mm::kv_cache::{KvCache, KvFormat};
-use phi4mm::quant::{QMatrix, QType};
+use phi4mm::decoder::kv_cache::{KvCache, KvFormat};
+use phi4mm::model::quant::{QMatrix, QType};
 
 fn weight(out: usize, k: usize, format: Option<QType>) -> Matrix {
     let w = Tensor::randn(0f32, 0.02, (out, k), &Device::Cpu).and_then(|t| t.to_dtype(DType::BF16));

@@ -1,48 +1,32 @@
 //! phi4mm: run Microsoft Phi-4-multimodal-instruct from its official checkpoint.
 //!
-//! The data flows through one module per stage: [`hub`] finds the files, [`config`] and
-//! [`weights`] read them, [`tokenizer`] and [`prompt`] turn a request into ids, [`decoder`]
-//! (with [`lora`], [`rope`] and [`kv_cache`]) turns embeddings into logits, [`sampler`] and
-//! [`detok`] turn logits into text, and [`engine`] runs the stages in order.
+//! One folder per stage, as the data flows: [`model`] finds and reads the checkpoint (hub,
+//! config, weights, quantised formats), [`text`] turns a request into ids and logits back into
+//! text (tokenizer, chat template, prompt, sampler, detokenizer), [`vision`] and [`audio`] turn
+//! media into features, [`decoder`] (LoRA, LongRoPE, KV cache) turns embeddings into logits on
+//! the [`kernels`], [`engine`] runs the stages in order for one request and [`scheduler`] runs
+//! many requests together. Dependencies point one way: nothing below the engine knows about
+//! requests.
 
 pub mod audio;
-pub mod audio_features;
-pub mod audio_io;
-mod audio_subsample;
-pub mod config;
 pub mod decoder;
-pub mod detok;
-pub mod encoder_config;
 pub mod engine;
 pub mod error;
-pub mod hub;
-pub mod image_io;
-pub mod image_prep;
 pub mod kernels;
-pub mod kv_cache;
-pub mod layers;
-pub mod lora;
-pub mod prompt;
-pub mod quant;
-pub mod quant_file;
-pub mod request;
-pub mod resample;
-pub mod rope;
-pub mod sampler;
+pub mod model;
 pub mod scheduler;
-pub mod tokenizer;
+pub mod text;
 pub mod vision;
-pub mod weights;
 
 pub use candle_core::{DType, Device};
 pub use engine::{
     Completion, Engine, FinishReason, GenerateRequest, LoadOptions, MediaInput, PromptInput, Step,
 };
 pub use error::{Error, Result};
-pub use prompt::Mode;
-pub use sampler::SamplingParams;
+pub use text::prompt::Mode;
+pub use text::sampler::SamplingParams;
 pub use scheduler::{Event, RequestId, Scheduler, SchedulerOptions};
-pub use tokenizer::Message;
+pub use text::tokenizer::Message;
 
 /// Worker threads the CPU backend uses (`RAYON_NUM_THREADS`, else one per physical core).
 pub fn threads() -> usize {

@@ -8,8 +8,8 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use phi4mm::kv_cache::KvFormat;
-use phi4mm::quant::QType;
+use phi4mm::decoder::kv_cache::KvFormat;
+use phi4mm::model::quant::QType;
 use phi4mm::{Engine, LoadOptions, Mode};
 
 /// Greedy-decodes `steps` tokens after `prompt` twice — single tokens through the step path,

@@ -47,7 +47,7 @@ fn edit_shard(dir: &Path, tensor: &str, f: impl FnOnce(&mut std::collections::Ha
 
 #[test]
 fn missing_model_directory() {
-    let e = phi4mm::hub::resolve_model("/nonexistent/phi4mm-model").unwrap_err().to_string();
+    let e = phi4mm::model::hub::resolve_model("/nonexistent/phi4mm-model").unwrap_err().to_string();
     assert!(e.contains("/nonexistent/phi4mm-model") && e.contains("does not exist"), "{e}");
 }
 
@@ -171,7 +171,7 @@ fn text_only_load_skips_media_and_says_so() {
     let opts = LoadOptions { dtype: DType::F32, text_only: true, ..Default::default() };
     let engine = Engine::load(&tiny(), opts).unwrap();
     assert!(engine.vision().is_none() && engine.audio().is_none());
-    assert!(!engine.decoder().has_adapter(phi4mm::lora::Adapter::Vision));
+    assert!(!engine.decoder().has_adapter(phi4mm::decoder::lora::Adapter::Vision));
     let full = load(&tiny()).unwrap();
     assert!(engine.decoder_bytes().1 == 0 && full.decoder_bytes().1 > 0, "no LoRA bytes when text-only");
     // Text still matches the full load exactly.

@@ -8,9 +8,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use phi4mm::audio::Projector;
-use phi4mm::audio_features::{log_mel, mel_matrix, LogMel};
-use phi4mm::audio_io::{load_audio, AudioLimits};
-use phi4mm::resample::to_model_rate;
+use phi4mm::audio::audio_features::{log_mel, mel_matrix, LogMel};
+use phi4mm::audio::audio_io::{load_audio, AudioLimits};
+use phi4mm::audio::resample::to_model_rate;
 
 fn audio_dir() -> std::path::PathBuf {
     fixtures().join("expected").join("audio")

@@ -107,5 +107,5 @@ fn bf16_stays_close_to_f32() {
     // bf16 keeps 8 mantissa bits: with these large random weights the logits move by a few
     // percent of their range, but the ranking at the top must hold.
     assert!(d < 0.1 * scale, "bf16 logits drift {d} (scale {scale})");
-    assert_eq!(phi4mm::sampler::argmax(&logits), phi4mm::sampler::argmax(&expected));
+    assert_eq!(phi4mm::text::sampler::argmax(&logits), phi4mm::text::sampler::argmax(&expected));
 }

@@ -7,8 +7,8 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use phi4mm::image_io::{load_image, ImageLimits};
-use phi4mm::image_prep::PreparedImage;
+use phi4mm::vision::image_io::{load_image, ImageLimits};
+use phi4mm::vision::image_prep::PreparedImage;
 use phi4mm::{GenerateRequest, MediaInput, Message, PromptInput};
 
 fn vision_dir() -> std::path::PathBuf {

@@ -9,8 +9,8 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use phi4mm::engine::Prepared;
-use phi4mm::kv_cache::KvFormat;
-use phi4mm::quant::QType;
+use phi4mm::decoder::kv_cache::KvFormat;
+use phi4mm::model::quant::QType;
 use phi4mm::{Engine, GenerateRequest, LoadOptions, Mode, PromptInput};
 
 fn load(dir: &std::path::Path, quant: Option<QType>) -> phi4mm::Result<Engine> {
@@ -115,7 +115,7 @@ fn quantised_file_loads_by_mmap_with_identical_results() {
     for qtype in [QType::Q8_0, QType::Q4_0] {
         let dir = std::env::temp_dir().join(format!("phi4mm-quant-test-{}-{}", qtype.name(), std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let s = phi4mm::quant_file::quantize_checkpoint(&tiny(), qtype, &dir, None).unwrap();
+        let s = phi4mm::model::quant_file::quantize_checkpoint(&tiny(), qtype, &dir, None).unwrap();
         assert!(s.quantized_tensors > 12, "{s:?}");
         let from_file = load(&dir, None).unwrap();
         let at_load = load(&tiny(), Some(qtype)).unwrap();
@@ -134,7 +134,7 @@ fn quantised_file_loads_by_mmap_with_identical_results() {
         let e = load(&dir, Some(other)).err().unwrap().to_string();
         assert!(e.contains(qtype.name()) && e.contains(other.name()), "{e}");
         // Quantising twice is refused.
-        let e = phi4mm::quant_file::quantize_checkpoint(&dir, qtype, &dir.join("again"), None).unwrap_err().to_string();
+        let e = phi4mm::model::quant_file::quantize_checkpoint(&dir, qtype, &dir.join("again"), None).unwrap_err().to_string();
         assert!(e.contains("already quantised"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -144,7 +144,7 @@ fn quantised_file_loads_by_mmap_with_identical_results() {
 fn damaged_quantised_file_is_a_clear_error() {
     let dir = std::env::temp_dir().join(format!("phi4mm-quant-bad-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    phi4mm::quant_file::quantize_checkpoint(&tiny(), QType::Q4_0, &dir, None).unwrap();
+    phi4mm::model::quant_file::quantize_checkpoint(&tiny(), QType::Q4_0, &dir, None).unwrap();
     let file = dir.join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

@@ -183,7 +183,7 @@ fn a_full_queue_and_an_over_budget_request_are_clear_errors() {
 
 #[test]
 fn the_8_bit_kv_cache_batches_with_the_same_bits() {
-    let opts_q8 = phi4mm::LoadOptions { dtype: DType::BF16, kv_cache: phi4mm::kv_cache::KvFormat::Q8, ..Default::default() };
+    let opts_q8 = phi4mm::LoadOptions { dtype: DType::BF16, kv_cache: phi4mm::decoder::kv_cache::KvFormat::Q8, ..Default::default() };
     let engine = Engine::load(&tiny(), opts_q8).unwrap();
     let reqs: Vec<_> = mixed(&engine).into_iter().take(4).collect();
     let together = run_all(&engine, opts(4, DEFAULT_PREFILL_CHUNK), &reqs);

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use phi4mm::tokenizer::Tokenizer;
+use phi4mm::text::tokenizer::Tokenizer;
 use phi4mm::Message;
 
 fn tokenizer() -> Tokenizer {
@@ -69,7 +69,7 @@ fn streaming_decoder_never_splits_a_character() {
     let tok = tokenizer();
     for text in ["héllo wörld", "日本語のテキスト", "👩‍👩‍👧‍👦 family 🇫🇷", "mixed ✓ text ∑"] {
         let ids = tok.encode(text).unwrap();
-        let mut d = phi4mm::detok::StreamDecoder::new(&tok);
+        let mut d = phi4mm::text::detok::StreamDecoder::new(&tok);
         let mut out = String::new();
         for &id in &ids {
             let piece = d.push(id).unwrap();

@@ -14,9 +14,9 @@ use candle_core::{DType, Tensor};
 use super::{Decoder, RmsNorm};
 use crate::error::Result;
 use crate::kernels::team;
-use crate::kv_cache::KvCache;
-use crate::lora::{Adapter, LoraBatch};
-use crate::quant::{Act, Bf16Act, F32Act};
+use crate::decoder::kv_cache::KvCache;
+use crate::decoder::lora::{Adapter, LoraBatch};
+use crate::model::quant::{Act, Bf16Act, F32Act};
 
 /// The buffers of one step of `B` rows (the shape comments are per row).
 #[derive(Debug, Default)]

@@ -419,7 +419,7 @@ mod tests {
             [(2, 45, 3, 8, 0, false), (1, 33, 2, 72, 1, false), (3, 7, 1, 16, 1, true), (1, 64, 2, 24, 0, true), (2, 40, 2, 16, 2, true)]
         {
             let (h, w) = (heads * d, 3 * heads * d);
-            let x = crate::quant::test_values(groups * n * w, (n * d) as u64);
+            let x = crate::model::quant::test_values(groups * n * w, (n * d) as u64);
             let keys: Option<Arc<[f32]>> = (masked > 0).then(|| {
                 (0..groups * n)
                     .map(|i| if i % n >= n - 3 || (masked == 2 && i / n == groups - 1) { f32::NEG_INFINITY } else { 0.0 })
@@ -467,9 +467,9 @@ mod tests {
         // groups of 1–3 query heads per KV head, key counts off the 12-key tile.
         for (heads, kv, n, start, d) in [(4, 2, 45, 0, 16), (6, 2, 33, 20, 72), (3, 3, 1, 7, 8), (2, 1, 70, 5, 128), (3, 1, 32, 0, 24)] {
             let total = start + n;
-            let q = crate::quant::test_values(heads * n * d, 1 + n as u64);
-            let k = crate::quant::test_values(kv * total * d, 2 + total as u64);
-            let v = crate::quant::test_values(kv * total * d, 3 + d as u64);
+            let q = crate::model::quant::test_values(heads * n * d, 1 + n as u64);
+            let k = crate::model::quant::test_values(kv * total * d, 2 + total as u64);
+            let v = crate::model::quant::test_values(kv * total * d, 3 + d as u64);
             let scale = 1.0 / (d as f32).sqrt();
             let t = |x: &[f32], a, b| Tensor::from_vec(x.to_vec(), (a, b, d), &Device::Cpu);
             let got: Vec<f32> = causal(&t(&q, heads, n)?, &t(&k, kv, total)?, &t(&v, kv, total)?, start, scale)?.flatten_all()?.to_vec1()?;

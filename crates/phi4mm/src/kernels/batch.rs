@@ -8,7 +8,7 @@ use half::bf16;
 
 use super::{bf16dot, dot, dot_f32, qdot, rows_per_task, team, Matrix, VecScratch};
 use crate::error::{Error, Result};
-use crate::quant::QActs;
+use crate::model::quant::QActs;
 use qdot::XRow;
 use candle_core::CpuStorage;
 
@@ -112,7 +112,7 @@ fn transpose(yt: &[f32], b: usize, out: usize, y: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{QMatrix, QType};
+    use crate::model::quant::{QMatrix, QType};
     use candle_core::{Device, Tensor};
     use std::sync::Arc;
 

@@ -12,7 +12,7 @@ use std::arch::x86_64::*;
 use half::bf16;
 
 use super::Out;
-use crate::quant::{unpack_block, QType, BLOCK, GROUP};
+use crate::model::quant::{unpack_block, QType, BLOCK, GROUP};
 
 /// Whether this CPU has the instructions [`dot`] and [`gemm`] need.
 pub fn available() -> bool {
@@ -221,7 +221,7 @@ mod tests {
     use super::*;
 
     fn sample(n: usize, seed: u64) -> Vec<bf16> {
-        crate::quant::test_values(n, seed).into_iter().map(bf16::from_f32).collect()
+        crate::model::quant::test_values(n, seed).into_iter().map(bf16::from_f32).collect()
     }
 
     fn exact(x: &[bf16], w: &[bf16]) -> f64 {
@@ -236,7 +236,7 @@ mod tests {
         for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
             for k in [32, 64, 96, 512, 544, 608, 3072] {
                 let w: Vec<f32> = sample(2 * k, k as u64).iter().map(|v| v.to_f32()).collect();
-                let m = crate::quant::QMatrix::quantize(qtype, &w, 2, k)?;
+                let m = crate::model::quant::QMatrix::quantize(qtype, &w, 2, k)?;
                 let mut natural = vec![0f32; k];
                 let mut got = vec![bf16::ZERO; k];
                 m.dequantize_row(1, &mut natural);

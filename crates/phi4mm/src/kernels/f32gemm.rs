@@ -372,7 +372,7 @@ mod tests {
     fn pack_panel_places_columns_of_any_row_range() {
         // Full panels, one full group of 16 rows, fewer; column ranges inside wider rows.
         for (valid, stride, c0, k) in [(32, 70, 3, 64), (32, 40, 0, 40), (23, 50, 7, 33), (16, 16, 0, 16), (9, 30, 5, 20), (1, 8, 0, 8)] {
-            let rows = crate::quant::test_values(valid * stride, (stride + k) as u64);
+            let rows = crate::model::quant::test_values(valid * stride, (stride + k) as u64);
             let mut got = vec![f32::NAN; k * XR];
             pack_panel(&rows, stride, c0, valid, k, &mut got);
             for c in 0..k {
@@ -391,7 +391,7 @@ mod tests {
         }
         for (m, kc) in [(12, 40), (5, 33), (1, 7), (12, 512)] {
             let rows: Vec<Vec<half::bf16>> = (0..m)
-                .map(|j| crate::quant::test_values(kc, j as u64 + 1).iter().map(|&v| half::bf16::from_f32(v)).collect())
+                .map(|j| crate::model::quant::test_values(kc, j as u64 + 1).iter().map(|&v| half::bf16::from_f32(v)).collect())
                 .collect();
             let srcs: Vec<&[half::bf16]> = rows.iter().map(|r| &r[..]).collect();
             let mut got = vec![f32::NAN; m * kc];
@@ -412,8 +412,8 @@ mod tests {
             return;
         }
         for (n, k, rows) in [(1, 7, 1), (5, 64, 13), (33, 100, 6), (40, 3072, 25), (7, 33, 20), (64, 16, 7), (50, 40, 48), (32, 9, 37)] {
-            let x = crate::quant::test_values(n * k, k as u64);
-            let w = crate::quant::test_values(rows * k, 3 + k as u64);
+            let x = crate::model::quant::test_values(n * k, k as u64);
+            let w = crate::model::quant::test_values(rows * k, 3 + k as u64);
             let bias: Vec<f32> = (0..rows).map(|j| j as f32 * 0.25 - 1.0).collect();
             let mut y = vec![f32::NAN; n * rows];
             let xp = pack(&x, n, k);

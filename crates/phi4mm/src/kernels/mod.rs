@@ -41,7 +41,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::quant::{Act, Bf16Act, QActs, QMatrix};
+use crate::model::quant::{Act, Bf16Act, QActs, QMatrix};
 #[cfg(target_arch = "x86_64")]
 use prefill::{quant_gemm, tiled_gemm};
 use prefill::blocked_gemm;
@@ -503,17 +503,17 @@ mod tests {
     fn quantised_prefill_gives_the_decode_sums() -> crate::error::Result<()> {
         // With AVX-512 VNNI a prefill of whole runs multiplies the same int8 quants as decode:
         // only the f32 order of the per-block sums differs.
-        use crate::quant::QType;
+        use crate::model::quant::QType;
         let dev = Device::Cpu;
         for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
             let (n, k, out) = (11, 1536, 45);
-            let w: Vec<f32> = crate::quant::test_values(out * k, 9);
+            let w: Vec<f32> = crate::model::quant::test_values(out * k, 9);
             let q = Arc::new(QMatrix::quantize(qtype, &w, out, k)?);
             if !qgemm::takes(&q) {
                 return Ok(());
             }
             let m = Matrix::Quant(q);
-            let x: Vec<f32> = crate::quant::test_values(n * k, 4);
+            let x: Vec<f32> = crate::model::quant::test_values(n * k, 4);
             let batch: Vec<f32> = m.forward(&Tensor::from_vec(x.clone(), (n, k), &dev)?)?.flatten_all()?.to_vec1()?;
             let mut s = VecScratch::default();
             let mut y = vec![0f32; out];
@@ -529,7 +529,7 @@ mod tests {
 
     #[test]
     fn quantised_matrix_matches_dequantised_product() -> crate::error::Result<()> {
-        use crate::quant::QType;
+        use crate::model::quant::QType;
         let dev = Device::Cpu;
         for qtype in [QType::Q8_0, QType::Q4_0, QType::Q6_0] {
             for (n, k, out) in [(1, 64, 37), (3, 96, 50), (9, 3072, 20), (70, 160, 130), (37, 1024, 66)] {

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use super::{bf16dot, f32gemm, qgemm};
 use super::{add_bias, Out, SharedOut, Source};
-use crate::quant::{QActs, QMatrix};
+use crate::model::quant::{QActs, QMatrix};
 
 /// Bytes of weight rows kept in L2 at once on the GEMM paths.
 const W_BLOCK_BYTES: usize = 384 << 10;
@@ -40,7 +40,7 @@ impl Source<'_> {
                         continue;
                     }
                     let mut tmp = vec![0f32; k];
-                    crate::quant::dequantize_row(q.qtype(), wq, wd, &mut tmp);
+                    crate::model::quant::dequantize_row(q.qtype(), wq, wd, &mut tmp);
                     for (d, v) in o.iter_mut().zip(&tmp) {
                         *d = bf16::from_f32(*v);
                     }
@@ -151,7 +151,7 @@ pub(super) fn tiled_gemm(x: &[bf16], n: usize, k: usize, w: Source<'_>, out: usi
     let x = match w {
         Source::Quant(q) => {
             let mut p = vec![bf16::ZERO; x.len()];
-            crate::quant::to_run_order(x, &mut p, k, q.qtype());
+            crate::model::quant::to_run_order(x, &mut p, k, q.qtype());
             permuted = p;
             &permuted[..]
         }

@@ -18,7 +18,7 @@
 
 use half::f16;
 
-use crate::quant::{unpack_block, QActs, QType, BLOCK};
+use crate::model::quant::{unpack_block, QActs, QType, BLOCK};
 
 /// One activation row in quantised form.
 #[derive(Clone, Copy)]
@@ -126,7 +126,7 @@ fn blocks_scalar(qtype: QType, w: &[u8], d: &[f16], x: XRow<'_>, from: usize) ->
     // r = 256 or 320 values) with AVX2 integer sums: the same exact per-block sums and the same
     // f32 accumulation as below, so the same bits, 6–8× faster.
     #[cfg(target_arch = "x86_64")]
-    if qtype == QType::Q8_0 && from >= nb / crate::quant::GROUP * crate::quant::GROUP && super::cpu::cpu().avx2 {
+    if qtype == QType::Q8_0 && from >= nb / crate::model::quant::GROUP * crate::model::quant::GROUP && super::cpu::cpu().avx2 {
         // SAFETY: AVX2 was just detected; tail blocks are stored plainly, 32 bytes each.
         return unsafe { x86::q8_tail_avx2(w, d, x, from) };
     }
@@ -167,7 +167,7 @@ pub(crate) mod x86 {
 
     use super::{blocks_scalar, XRow};
     use crate::kernels::{prefetch, PREFETCH_AHEAD};
-    use crate::quant::{QType, BLOCK, GROUP};
+    use crate::model::quant::{QType, BLOCK, GROUP};
 
     /// Runs of 16 blocks: `chunks(g, a)` accumulates run `g`'s block sums into the two
     /// accumulators (one lane per block); `offset` is the constant that made the weights
@@ -405,7 +405,7 @@ pub(crate) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{test_values as sample, QMatrix};
+    use crate::model::quant::{test_values as sample, QMatrix};
 
 
     /// The AVX2 sums of Q8_0 tail blocks give the unpacking loop's bits (LoRA `B` rows of 256
@@ -419,7 +419,7 @@ mod tests {
             let xr = XRow::of(&acts, 0, k);
             for r in 0..4 {
                 let (w, d) = m.row(r);
-                let from = d.len() / crate::quant::GROUP * crate::quant::GROUP;
+                let from = d.len() / crate::model::quant::GROUP * crate::model::quant::GROUP;
                 let (a, b) = (blocks_scalar(QType::Q8_0, w, d, xr, from), blocks_unpacked(QType::Q8_0, w, d, xr, from));
                 assert_eq!(a.to_bits(), b.to_bits(), "k={k} row {r}: {a} vs {b}");
                 assert!(a != 0.0);

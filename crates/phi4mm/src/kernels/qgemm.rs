@@ -36,7 +36,7 @@
 use std::arch::x86_64::*;
 
 use super::Out;
-use crate::quant::{QActs, QMatrix, QType, BLOCK, GROUP};
+use crate::model::quant::{QActs, QMatrix, QType, BLOCK, GROUP};
 
 /// Weight rows per register tile.
 pub const MR: usize = 4;
@@ -340,7 +340,7 @@ unsafe fn tile_avx2<const M: usize, const N: usize, const F: u8>(w: Weights, x: 
 mod tests {
     use super::*;
     use crate::kernels::qdot::{self, XRow};
-    use crate::quant::test_values as sample;
+    use crate::model::quant::test_values as sample;
 
     #[test]
     fn matches_the_decode_kernel_for_every_tile_shape() -> crate::error::Result<()> {

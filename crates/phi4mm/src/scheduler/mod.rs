@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use crate::decoder::DecodeRow;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::request::{Completion, FinishReason, GenerateRequest, Prepared, TokenInfo};
+use crate::engine::request::{Completion, FinishReason, GenerateRequest, Prepared, TokenInfo};
 use prefix::PrefixCache;
 pub use prefix::CacheStats;
 use seq::{Phase, Seq};

@@ -29,10 +29,10 @@ use std::hash::{BuildHasher, Hasher};
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::kv_cache::{KvBlock, KvCache};
-use crate::lora::Adapter;
-use crate::prompt::{Mode, AUDIO_TOKEN_ID, IMAGE_TOKEN_ID};
-use crate::request::Prepared;
+use crate::decoder::kv_cache::{KvBlock, KvCache};
+use crate::decoder::lora::Adapter;
+use crate::text::prompt::{Mode, AUDIO_TOKEN_ID, IMAGE_TOKEN_ID};
+use crate::engine::request::Prepared;
 
 /// A 128-bit content key.
 pub(super) type Key = (u64, u64);

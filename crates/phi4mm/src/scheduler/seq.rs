@@ -8,13 +8,13 @@ use candle_core::Tensor;
 
 use super::prefix::{Key, MediaKeys, PrefixCache};
 use super::{Event, RequestId, Stage};
-use crate::detok::{StopMatcher, StreamDecoder};
+use crate::text::detok::{StopMatcher, StreamDecoder};
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::kv_cache::KvCache;
-use crate::lora::Adapter;
-use crate::request::{Completion, FinishReason, GenerateRequest, Prepared, TokenInfo, Timings};
-use crate::sampler::{self, Sampler};
+use crate::decoder::kv_cache::KvCache;
+use crate::decoder::lora::Adapter;
+use crate::engine::request::{Completion, FinishReason, GenerateRequest, Prepared, TokenInfo, Timings};
+use crate::text::sampler::{self, Sampler};
 
 /// Where a sequence is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 use realfft::RealFftPlanner;
 
 use crate::error::{Error, Result};
-use crate::resample::ModelAudio;
+use crate::audio::resample::ModelAudio;
 
 /// Mel bins.
 pub const N_MELS: usize = 80;

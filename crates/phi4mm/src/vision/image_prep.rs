@@ -4,7 +4,7 @@
 //! bicubic thumbnail of the padded canvas, and cut the canvas into row-major 448×448 crops.
 
 use crate::error::{Error, Result};
-use crate::image_io::RgbImage;
+use crate::vision::image_io::RgbImage;
 
 /// Crop side in pixels.
 pub const CROP: usize = 448;

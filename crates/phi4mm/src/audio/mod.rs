@@ -6,17 +6,22 @@
 //! `speech_conformer_encoder.py`. Long audio is processed window by window, so memory is
 //! bounded by a window, not by the recording.
 
+pub mod audio_features;
+pub mod audio_io;
+mod audio_subsample;
+pub mod resample;
+
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::audio_features::{LogMel, N_MELS};
-use crate::audio_subsample::Subsampling;
-use crate::encoder_config::AudioConfig;
+use crate::audio::audio_features::{LogMel, N_MELS};
+use crate::audio::audio_subsample::Subsampling;
+use crate::model::encoder_config::AudioConfig;
 use crate::error::Result;
 use crate::kernels;
 use crate::kernels::attention::ScoreTerms;
-use crate::layers::{LayerNorm, Linear, Projector as MlpProjector};
-use crate::weights::{Scope, Weights};
+use crate::decoder::layers::{LayerNorm, Linear, Projector as MlpProjector};
+use crate::model::weights::{Scope, Weights};
 
 /// Hub prefix of the audio encoder.
 pub const PREFIX: &str = "model.embed_tokens_extend.audio_embed";
@@ -221,7 +226,7 @@ pub struct AudioEncoder {
     blocks: Vec<Block>,
     speech_projection: MlpProjector,
     vision_projection: MlpProjector,
-    /// The activations' dtype ([`crate::layers::activation_dtype`]).
+    /// The activations' dtype ([`crate::decoder::layers::activation_dtype`]).
     act: DType,
     device: Device,
 }
@@ -233,7 +238,7 @@ impl AudioEncoder {
     }
 
     pub fn load(w: &Weights, c: &AudioConfig, out: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let act = crate::layers::activation_dtype(dtype, device);
+        let act = crate::decoder::layers::activation_dtype(dtype, device);
         let s = w.root().pp(PREFIX);
         let e = s.pp("encoder");
         let d = c.hidden_size;
@@ -403,13 +408,13 @@ mod tests {
         let (nw, t, d, heads, md) = (2, 37, 64, 4, 12);
         let dev = Device::Cpu;
         let lin = |o: usize, seed: u64| -> Result<Linear> {
-            let w = crate::quant::test_values(o * d, seed).iter().map(|v| v * 0.3).collect::<Vec<_>>();
-            let b = crate::quant::test_values(o, seed + 1);
+            let w = crate::model::quant::test_values(o * d, seed).iter().map(|v| v * 0.3).collect::<Vec<_>>();
+            let b = crate::model::quant::test_values(o, seed + 1);
             Ok(Linear { w: Tensor::from_vec(w, (o, d), &dev)?.to_dtype(DType::BF16)?, b: Tensor::from_vec(b, o, &dev)? })
         };
         let attn = Attention { qkv: lin(3 * d, 5)?, out: lin(d, 9)?, heads };
-        let table: Vec<f32> = crate::quant::test_values(2 * md * heads, 17);
-        let x = Tensor::from_vec(crate::quant::test_values(nw * t * d, 3), (nw, t, d), &dev)?;
+        let table: Vec<f32> = crate::model::quant::test_values(2 * md * heads, 17);
+        let x = Tensor::from_vec(crate::model::quant::test_values(nw * t * d, 3), (nw, t, d), &dev)?;
         let partial: Vec<f32> = (0..nw * t).map(|i| if i % t >= t - 5 { f32::NEG_INFINITY } else { 0.0 }).collect();
         let all: Vec<f32> = (0..nw * t).map(|i| if i / t == 1 { f32::NEG_INFINITY } else { 0.0 }).collect();
         for mask in [None, Some(&partial[..]), Some(&all[..])] {

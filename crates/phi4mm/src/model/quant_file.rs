@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use safetensors::{Dtype as StDtype, View};
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::decoder::Decoder;
 use crate::error::{Error, Result};
-use crate::hub::ModelFiles;
-use crate::quant::{QType, BLOCK};
-use crate::weights::{ProgressFn, Weights, LAYOUT_KEY, LAYOUT_VERSION, QTYPE_KEY, SCALES_SUFFIX};
+use crate::model::hub::ModelFiles;
+use crate::model::quant::{QType, BLOCK};
+use crate::model::weights::{ProgressFn, Weights, LAYOUT_KEY, LAYOUT_VERSION, QTYPE_KEY, SCALES_SUFFIX};
 
 /// What [`quantize_checkpoint`] wrote.
 #[derive(Debug, Clone)]

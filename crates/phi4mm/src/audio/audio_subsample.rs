@@ -13,11 +13,11 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::audio_features::N_MELS;
-use crate::encoder_config::AudioConfig;
+use crate::audio::audio_features::N_MELS;
+use crate::model::encoder_config::AudioConfig;
 use crate::error::{Error, Result};
-use crate::layers::Linear;
-use crate::weights::Scope;
+use crate::decoder::layers::Linear;
+use crate::model::weights::Scope;
 
 /// Output rows of the fused first stages computed per task.
 const ROWS_PER_TASK: usize = 4;

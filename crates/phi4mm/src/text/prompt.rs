@@ -4,7 +4,7 @@
 //! picks the LoRA adapter (spec §3.3).
 
 use crate::error::{Error, Result};
-use crate::lora::Adapter;
+use crate::decoder::lora::Adapter;
 
 /// Image placeholder id (`<|endoftext10|>`).
 pub const IMAGE_TOKEN_ID: u32 = 200_010;

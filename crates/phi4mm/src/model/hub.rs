@@ -172,7 +172,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         struct Index {
             weight_map: std::collections::BTreeMap<String, String>,
         }
-        let idx: Index = crate::config::read_json(&index)?;
+        let idx: Index = crate::model::config::read_json(&index)?;
         let mut files: Vec<String> = idx.weight_map.into_values().collect();
         files.sort();
         files.dedup();

@@ -4,15 +4,18 @@
 //! of transformers and the original `vision_siglip_navit.py`; names follow the hub checkpoint
 //! (`model.embed_tokens_extend.image_embed.*`).
 
+pub mod image_io;
+pub mod image_prep;
+
 use candle_core::{DType, Device, Tensor};
 
-use crate::encoder_config::VisionConfig;
+use crate::model::encoder_config::VisionConfig;
 use crate::error::{Error, Result};
-use crate::image_prep::{PreparedImage, CROP, GRID, PATCH};
+use crate::vision::image_prep::{PreparedImage, CROP, GRID, PATCH};
 use crate::kernels;
 use crate::kernels::attention::ScoreTerms;
-use crate::layers::{LayerNorm, Linear, Projector};
-use crate::weights::{Scope, Weights};
+use crate::decoder::layers::{LayerNorm, Linear, Projector};
+use crate::model::weights::{Scope, Weights};
 
 /// Hub prefix of the image encoder.
 pub const PREFIX: &str = "model.embed_tokens_extend.image_embed";
@@ -116,7 +119,7 @@ pub struct VisionEncoder {
     sub_gn: Tensor, // [hidden]
     img_projection: Projector,
     hidden: usize,
-    /// The activations' dtype ([`crate::layers::activation_dtype`]).
+    /// The activations' dtype ([`crate::decoder::layers::activation_dtype`]).
     act: DType,
     device: Device,
 }
@@ -130,7 +133,7 @@ impl VisionEncoder {
     /// Loads the tower layers the features need (up to `feature_layer`), the separators and
     /// the projector into the decoder width `out`.
     pub fn load(w: &Weights, c: &VisionConfig, out: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let act = crate::layers::activation_dtype(dtype, device);
+        let act = crate::decoder::layers::activation_dtype(dtype, device);
         let s = w.root().pp(PREFIX);
         let t = s.pp("img_processor");
         let h = c.hidden_size;

@@ -3,7 +3,7 @@
 //! byte arrives), and a stop-string matcher that holds back text that might begin a stop string.
 
 use crate::error::Result;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 
 /// Incremental detokenizer (the prefix/read-offset scheme used by TGI and vLLM).
 pub struct StreamDecoder<'a> {

@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-use crate::audio_features::LogMel;
-use crate::image_prep::PreparedImage;
-use crate::prompt::Mode;
-use crate::sampler::{MaskHook, SamplingParams, TokenLogprob};
-use crate::tokenizer::Message;
+use crate::audio::audio_features::LogMel;
+use crate::vision::image_prep::PreparedImage;
+use crate::text::prompt::Mode;
+use crate::text::sampler::{MaskHook, SamplingParams, TokenLogprob};
+use crate::text::tokenizer::Message;
 
 /// The prompt of a request.
 #[derive(Debug, Clone)]
@@ -41,7 +41,7 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Most crops per image (default: `dynamic_hd` of preprocessor_config.json, 36).
     pub max_crops: Option<usize>,
-    /// Restricts each next token (a grammar); see [`crate::sampler::TokenMask`].
+    /// Restricts each next token (a grammar); see [`crate::text::sampler::TokenMask`].
     pub mask: Option<MaskHook>,
     /// Hand the raw logits of every token to the caller (parity checks; 4 bytes × vocab each).
     pub return_logits: bool,

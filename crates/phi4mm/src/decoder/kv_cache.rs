@@ -133,7 +133,7 @@ impl Elems {
                     *o = bf16::from_f32(x);
                 }
             }
-            Elems::I8(v, s) => s[at] = crate::quant::quantize_i8(x, &mut v[at * d..(at + 1) * d]),
+            Elems::I8(v, s) => s[at] = crate::model::quant::quantize_i8(x, &mut v[at * d..(at + 1) * d]),
         }
     }
 

@@ -16,7 +16,7 @@ use safetensors::Dtype as StDtype;
 
 use crate::error::{Error, Result};
 use crate::kernels::Matrix;
-use crate::quant::{Bytes, QMatrix, QType, BLOCK};
+use crate::model::quant::{Bytes, QMatrix, QType, BLOCK};
 
 /// Metadata key naming the format of each quantised tensor (`phi4mm.qtype.{name}` = `q4_0`).
 pub const QTYPE_KEY: &str = "phi4mm.qtype.";

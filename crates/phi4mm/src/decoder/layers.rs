@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::kernels;
-use crate::weights::Scope;
+use crate::model::weights::Scope;
 
 /// The dtype the encoders compute in for weights stored in `dtype` on `device`: f32 for bf16
 /// weights on a CPU without AVX-512 BF16 (the weights stay bf16 and are widened inside the f32

@@ -7,12 +7,12 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::config::LoraConfig;
+use crate::model::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::kernels::batch::BatchScratch;
 use crate::kernels::Matrix;
-use crate::quant::{Act, QType};
-use crate::weights::Scope;
+use crate::model::quant::{Act, QType};
+use crate::model::weights::Scope;
 
 /// Which LoRA adapter is active for a request (none for text-only requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,30 +4,32 @@
 //! the way the reference does: drop the cache once and re-prefill the whole sequence with the
 //! long factors (spec §2.5).
 
+pub mod request;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::audio::{AudioEncoder, Projector};
-use crate::audio_features::{log_mel, LogMel};
-use crate::audio_io::{decode_audio, load_audio, AudioLimits};
-use crate::config::{GenerationConfig, ModelConfig};
-use crate::resample::to_model_rate;
+use crate::audio::audio_features::{log_mel, LogMel};
+use crate::audio::audio_io::{decode_audio, load_audio, AudioLimits};
+use crate::model::config::{GenerationConfig, ModelConfig};
+use crate::audio::resample::to_model_rate;
 use crate::decoder::Decoder;
 use crate::error::{Error, Result};
-use crate::encoder_config::VisionConfig;
-use crate::hub::ModelFiles;
-use crate::image_io::{decode_image, load_image, ImageLimits, RgbImage};
-use crate::image_prep::{Layout, PreparedImage};
+use crate::model::encoder_config::VisionConfig;
+use crate::model::hub::ModelFiles;
+use crate::vision::image_io::{decode_image, load_image, ImageLimits, RgbImage};
+use crate::vision::image_prep::{Layout, PreparedImage};
 use crate::vision::VisionEncoder;
-use crate::prompt::{self, Mode};
-use crate::kv_cache::KvFormat;
-use crate::quant::QType;
+use crate::text::prompt::{self, Mode};
+use crate::decoder::kv_cache::KvFormat;
+use crate::model::quant::QType;
 use crate::scheduler::{Event, Scheduler, SchedulerOptions};
-use crate::tokenizer::Tokenizer;
-use crate::weights::{ProgressFn, Weights};
+use crate::text::tokenizer::Tokenizer;
+use crate::model::weights::{ProgressFn, Weights};
 
-pub use crate::request::{
+pub use crate::engine::request::{
     Completion, FinishReason, GenerateRequest, MediaInput, Prepared, PromptInput, Step, TokenInfo,
     Timings,
 };
@@ -85,7 +87,7 @@ pub const MAX_CROPS_LIMIT: usize = 64;
 pub const MAX_IMAGES: usize = 64;
 
 impl Engine {
-    /// Loads the model in `dir` (see [`crate::hub::resolve_model`] for hub ids).
+    /// Loads the model in `dir` (see [`crate::model::hub::resolve_model`] for hub ids).
     /// The decoder's weight format (`bf16`, `q8_0`, `q4_0`, …).
     pub fn format(&self) -> String {
         self.decoder.format()
@@ -101,7 +103,7 @@ impl Engine {
         let mut config = ModelConfig::from_file(&files.config)?;
         // Validate the encoder descriptions now, so a bad config fails at load.
         let vision_cfg = VisionConfig::from_model_config(&config)?;
-        let audio_cfg = crate::encoder_config::AudioConfig::from_model_config(&config)?;
+        let audio_cfg = crate::model::encoder_config::AudioConfig::from_model_config(&config)?;
         let max_crops = read_dynamic_hd(&dir.join("preprocessor_config.json"))?;
         let gen_config = GenerationConfig::from_file_or_default(&files.generation_config)?;
         let tokenizer = Tokenizer::load(&files.tokenizer, &files.tokenizer_config)?;
@@ -462,7 +464,7 @@ fn read_dynamic_hd(path: &Path) -> Result<usize> {
     if !path.exists() {
         return Ok(36);
     }
-    let v: serde_json::Value = crate::config::read_json(path)?;
+    let v: serde_json::Value = crate::model::config::read_json(path)?;
     match v.get("dynamic_hd") {
         None => Ok(36),
         Some(x) => x.as_u64().filter(|&n| n >= 1).map(|n| n as usize).ok_or_else(|| Error::BadJson {

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::Result;
 
 /// Inverse frequencies for short and long contexts plus the attention factor.

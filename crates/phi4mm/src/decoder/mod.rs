@@ -5,20 +5,25 @@
 //!
 //! The decoder sees only embeddings: media features are merged into them by the engine.
 
+pub mod kv_cache;
+pub mod layers;
+pub mod lora;
+pub mod rope;
+
 mod step;
 
 pub use step::DecodeRow;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::Matrix;
-use crate::kv_cache::{KvCache, KvFormat};
-use crate::lora::{Adapter, LoraLinear};
-use crate::quant::QType;
-use crate::rope::{self, Rope};
-use crate::weights::{Scope, Weights};
+use crate::decoder::kv_cache::{KvCache, KvFormat};
+use crate::decoder::lora::{Adapter, LoraLinear};
+use crate::model::quant::QType;
+use rope::Rope;
+use crate::model::weights::{Scope, Weights};
 
 /// Named intermediate tensors collected during a forward call (for parity checks).
 pub type Taps = Vec<(String, Tensor)>;
@@ -200,7 +205,7 @@ impl Layer {
     }
 }
 
-fn lora_set(cfg: &ModelConfig) -> [(Adapter, Option<&crate::config::LoraConfig>); 2] {
+fn lora_set(cfg: &ModelConfig) -> [(Adapter, Option<&crate::model::config::LoraConfig>); 2] {
     [
         (Adapter::Vision, cfg.vision_lora.as_ref()),
         (Adapter::Speech, cfg.speech_lora.as_ref()),
@@ -509,7 +514,7 @@ impl Decoder {
             let mut l = vec![0f32; self.vocab];
             crate::kernels::team::with_team(|| head.matvec(&x, &mut l, &mut crate::kernels::VecScratch::default()))?;
             if self.dtype == DType::BF16 {
-                l.iter_mut().for_each(|v| *v = <crate::quant::Bf16Act as crate::quant::Act>::round(*v));
+                l.iter_mut().for_each(|v| *v = <crate::model::quant::Bf16Act as crate::model::quant::Act>::round(*v));
             }
             return Ok(l);
         }

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
 
 /// The SigLIP (NaViT) vision tower, spec §4.2.

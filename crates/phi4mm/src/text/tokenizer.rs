@@ -65,7 +65,7 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(tokenizer_json).map_err(|e| {
             Error::Tokenizer(format!("cannot load {}: {e}", tokenizer_json.display()))
         })?;
-        let cfg: TokenizerConfig = crate::config::read_json(tokenizer_config)?;
+        let cfg: TokenizerConfig = crate::model::config::read_json(tokenizer_config)?;
         let source = match &cfg.chat_template {
             Some(serde_json::Value::String(s)) => s.clone(),
             // A list of named templates: take "default".
