@@ -13,7 +13,7 @@ use anyhow::Result;
 use clap::Args;
 use phi4mm::{Event, MediaInput, Message, PromptInput, Scheduler};
 
-use crate::common::{scheduler_options, ModelArgs};
+use crate::common::{print_piece, scheduler_options, ModelArgs};
 use crate::run::{system_message, GenArgs};
 
 #[derive(Args, Debug)]
@@ -124,11 +124,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
 
 /// Streams each token's text to stdout.
 fn print_tokens(e: &Event) -> bool {
-    use std::io::Write;
     if let Event::Token { text, .. } = e {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
+        print_piece(text);
     }
     true
 }

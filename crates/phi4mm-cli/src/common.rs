@@ -118,15 +118,20 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// A generation callback that streams each step's text to stdout (unless `quiet`).
 pub fn stream_stdout(quiet: bool) -> impl FnMut(&phi4mm::Step) -> bool {
-    use std::io::Write;
     move |step| {
         if !quiet {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(step.text.as_bytes());
-            let _ = out.flush();
+            print_piece(step.text);
         }
         true
     }
+}
+
+/// Writes a piece of streamed text to stdout at once.
+pub fn print_piece(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 /// The scheduler's defaults for `engine`, with `--kv-budget` if given.

@@ -164,6 +164,15 @@ enum Store {
     Host(Vec<(Elems, Elems)>),
 }
 
+impl Store {
+    fn nbytes(&self) -> usize {
+        match self {
+            Store::Tensors(l) => l.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum(),
+            Store::Host(l) => l.iter().map(|(k, v)| k.nbytes() + v.nbytes()).sum(),
+        }
+    }
+}
+
 /// Keys and values of some consecutive positions of every layer, copied out of a cache
 /// ([`KvCache::export`]) to be written into another one ([`KvCache::import`]).
 #[derive(Debug)]
@@ -185,10 +194,7 @@ impl KvBlock {
 
     /// Bytes held.
     pub fn nbytes(&self) -> usize {
-        match &self.store {
-            Store::Tensors(l) => l.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum(),
-            Store::Host(l) => l.iter().map(|(k, v)| k.nbytes() + v.nbytes()).sum(),
-        }
+        self.store.nbytes()
     }
 }
 
@@ -282,10 +288,7 @@ impl KvCache {
 
     /// Bytes held by the buffers.
     pub fn nbytes(&self) -> usize {
-        match &self.store {
-            Store::Tensors(l) => l.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum(),
-            Store::Host(l) => l.iter().map(|(k, v)| k.nbytes() + v.nbytes()).sum(),
-        }
+        self.store.nbytes()
     }
 
     /// Number of positions filled.

@@ -69,10 +69,13 @@ impl SchedulerOptions {
         let per = engine.decoder().kv_bytes_per_position().max(1);
         let half = available_memory().map_or(usize::MAX, |b| b / 2 / per);
         SchedulerOptions {
+            max_batch: 8,
+            max_queue: 64,
             kv_budget: half.max(engine.max_context()),
-            ..SchedulerOptions::single()
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            prefix_cache: true,
+            media_cache_bytes: 512 << 20,
         }
-        .with_caches()
     }
 
     /// One request at a time with no caches and no budget (what [`Engine::generate`] runs).
@@ -105,10 +108,6 @@ impl SchedulerOptions {
             return Err(bad());
         }
         Ok(positions)
-    }
-
-    fn with_caches(self) -> Self {
-        SchedulerOptions { max_batch: 8, max_queue: 64, prefix_cache: true, media_cache_bytes: 512 << 20, ..self }
     }
 
     /// A budget of `gib` GiB of KV cache, in positions of `engine`'s cache format.

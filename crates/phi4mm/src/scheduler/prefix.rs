@@ -133,7 +133,7 @@ impl PrefixCache {
         let mut s = self.stats;
         s.blocks = self.blocks.len();
         s.positions = self.positions();
-        s.media_bytes = self.media.values().map(|(t, _)| tensor_bytes(t)).sum();
+        s.media_bytes = self.media_bytes();
         s
     }
 
@@ -281,37 +281,32 @@ impl PrefixCache {
         }
     }
 
-    /// The cached features of media `key`.
-    pub fn media(&mut self, key: Option<Key>) -> Option<Tensor> {
-        let key = key?;
+    /// The features of media `key` from the cache, or `encode`d (and kept, evicting the least
+    /// recently used features beyond the byte bound); true when they were encoded. Without a
+    /// key (caching off) they are always encoded.
+    pub fn media_or(&mut self, key: Option<Key>, encode: impl FnOnce() -> Result<Tensor>) -> Result<(Tensor, bool)> {
+        let Some(key) = key else { return Ok((encode()?, true)) };
         self.tick += 1;
-        let tick = self.tick;
-        let t = self.media.get_mut(&key).map(|(t, used)| {
-            *used = tick;
-            t.clone()
-        });
-        if t.is_some() {
+        if let Some((t, used)) = self.media.get_mut(&key) {
+            *used = self.tick;
             self.stats.media_hits += 1;
+            return Ok((t.clone(), false));
         }
-        t
+        let feats = encode()?;
+        self.stats.media_misses += 1;
+        if tensor_bytes(&feats) <= self.media_max {
+            self.media.insert(key, (feats.clone(), self.tick));
+            while self.media_bytes() > self.media_max {
+                let victim = self.media.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
+                let Some(k) = victim else { break };
+                self.media.remove(&k);
+            }
+        }
+        Ok((feats, true))
     }
 
-    /// Keeps the features of media `key`, evicting the least recently used ones beyond the
-    /// byte bound.
-    pub fn keep_media(&mut self, key: Option<Key>, feats: &Tensor) {
-        let Some(key) = key else { return };
-        self.stats.media_misses += 1;
-        let size = tensor_bytes(feats);
-        if size > self.media_max {
-            return;
-        }
-        self.tick += 1;
-        self.media.insert(key, (feats.clone(), self.tick));
-        while self.media.values().map(|(t, _)| tensor_bytes(t)).sum::<usize>() > self.media_max {
-            let victim = self.media.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
-            let Some(k) = victim else { break };
-            self.media.remove(&k);
-        }
+    fn media_bytes(&self) -> usize {
+        self.media.values().map(|(t, _)| tensor_bytes(t)).sum()
     }
 }
 

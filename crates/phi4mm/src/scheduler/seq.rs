@@ -138,31 +138,21 @@ impl<'e> Seq<'e> {
             let p = &self.prepared;
             if !p.audios.is_empty() && self.audio.is_none() {
                 let key = self.media_keys.as_ref().and_then(|m| m.audio);
-                let (feats, windows) = match pc.media(key) {
-                    Some(f) => (f, (1, 1)),
-                    None => {
-                        encoded = true;
-                        let windows = std::cell::RefCell::new((1, 1));
-                        let progress = |done: usize, total: usize| *windows.borrow_mut() = (done, total);
-                        let f = engine.encode_audios(p, Some(&progress))?.ok_or_else(|| crate::Error::Request("no audio features".into()))?;
-                        pc.keep_media(key, &f);
-                        (f, windows.into_inner())
-                    }
-                };
+                // A cached audio reports one window of one.
+                let windows = std::cell::Cell::new((1, 1));
+                let (feats, fresh) = pc.media_or(key, || {
+                    let progress = |done: usize, total: usize| windows.set((done, total));
+                    engine.encode_audios(p, Some(&progress))?.ok_or_else(|| crate::Error::Request("no audio features".into()))
+                })?;
+                encoded = fresh;
                 self.audio = Some(feats);
-                events.push(Event::Progress { id, stage: Stage::Audio, done: windows.0, total: windows.1 });
+                let (done, total) = windows.get();
+                events.push(Event::Progress { id, stage: Stage::Audio, done, total });
             } else if self.images.len() < p.images.len() {
                 let i = self.images.len();
                 let key = self.media_keys.as_ref().and_then(|m| m.images.get(i)).map(|k| k.0);
-                let feats = match pc.media(key) {
-                    Some(f) => f,
-                    None => {
-                        encoded = true;
-                        let f = engine.encode_image(&p.images[i])?;
-                        pc.keep_media(key, &f);
-                        f
-                    }
-                };
+                let (feats, fresh) = pc.media_or(key, || engine.encode_image(&p.images[i]))?;
+                encoded = fresh;
                 self.images.push(feats);
                 events.push(Event::Progress { id, stage: Stage::Images, done: i + 1, total: p.images.len() });
             } else {
