@@ -2,7 +2,8 @@
 //! a server's users would see: aggregate and per-stream decode tok/s, time to first token and
 //! inter-token latency (p50/p99), peak RSS. `--late KINDS` admits more requests once the
 //! streams are decoding and reports the streams' inter-token latency while those are encoded
-//! and prefilled, against the unloaded step time.
+//! and prefilled (every gap that ends between the first late submission and the last late
+//! request's first token), against the unloaded step time.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -128,23 +129,27 @@ impl BatchBench<'_> {
         }
         let streams: Vec<RequestId> = kinds.keys().copied().collect();
         let mut rec = Record::default();
-        let mut late_sent = self.late.is_empty();
+        // Prepared up front: decoding and resampling the media is not the scheduler's work.
+        let mut late = Vec::new();
+        for (j, &kind) in self.late.iter().enumerate() {
+            let (mut req, prep) = self.request(engine, kind, 1000 + j as u64)?;
+            req.max_new_tokens = LATE_TOKENS;
+            late.push((kind, req, prep));
+        }
         let mut late_ids = Vec::new();
         while !sched.is_idle() {
-            if !late_sent && streams.iter().all(|id| rec.tokens.get(id).map_or(0, Vec::len) >= 4) {
-                for (j, &kind) in self.late.iter().enumerate() {
-                    let (mut req, prep) = self.request(engine, kind, 1000 + j as u64)?;
-                    req.max_new_tokens = LATE_TOKENS;
+            if !late.is_empty() && streams.iter().all(|id| rec.tokens.get(id).map_or(0, Vec::len) >= 4) {
+                for (kind, req, prep) in late.drain(..) {
                     let id = sched.submit_prepared(req, prep)?;
                     kinds.insert(id, kind);
                     submitted.insert(id, Instant::now());
                     late_ids.push(id);
                 }
-                late_sent = true;
             }
+            let quiet = sched.preparing() == 0 && sched.queued() == 0;
             let t = Instant::now();
             let events = sched.step();
-            rec.step(t, &events, sched.running(), self.concurrency, &late_ids)?;
+            rec.step(t, &events, quiet && sched.running() >= self.concurrency, self.concurrency)?;
         }
         Ok(rec.report(self, &streams, &late_ids, &submitted, start.elapsed().as_secs_f64()))
     }
@@ -155,15 +160,13 @@ impl BatchBench<'_> {
 struct Record {
     /// Per request, the time of each token.
     tokens: HashMap<RequestId, Vec<Instant>>,
-    /// Steps where exactly the streams decoded and nothing was prepared: (seconds, tokens).
+    /// Steps where exactly the streams decoded and nothing waited or prepared: (seconds, tokens).
     pure: Vec<(f64, usize)>,
-    /// Durations of the steps that also prepared a late request (the streams' inter-token
-    /// latency while it is admitted).
-    loaded_gaps: Vec<f64>,
 }
 
 impl Record {
-    fn step(&mut self, t: Instant, events: &[Event], running: usize, n: usize, late: &[RequestId]) -> Result<()> {
+    /// `quiet`: nothing was waiting or preparing when the step began.
+    fn step(&mut self, t: Instant, events: &[Event], quiet: bool, n: usize) -> Result<()> {
         let dt = t.elapsed().as_secs_f64();
         let mut toks = 0;
         for e in events {
@@ -176,12 +179,8 @@ impl Record {
                 _ => {}
             }
         }
-        let progress = events.iter().any(|e| matches!(e, Event::Progress { .. }));
-        if !progress && toks == n && running >= n {
+        if quiet && toks == n {
             self.pure.push((dt, toks));
-        }
-        if progress && events.iter().any(|e| matches!(e, Event::Progress { id, .. } if late.contains(id))) {
-            self.loaded_gaps.push(dt);
         }
         Ok(())
     }
@@ -199,6 +198,27 @@ impl Record {
             .flat_map(|t| t.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect::<Vec<_>>())
             .collect();
         let unloaded = median(self.pure.iter().map(|p| p.0).collect());
+        // The streams' gaps that end while a late request is still preparing: after the first
+        // was submitted, up to the last one's first token.
+        let from = late.iter().filter_map(|id| submitted.get(id)).min();
+        let to = late.iter().filter_map(|id| self.tokens.get(id)?.first()).max();
+        let loaded: Vec<f64> = match (from, to) {
+            (Some(&from), Some(&to)) => streams
+                .iter()
+                .filter_map(|id| self.tokens.get(id))
+                .flat_map(|t| t.windows(2).filter(|w| w[1] > from && w[1] <= to).map(|w| (w[1] - w[0]).as_secs_f64()).collect::<Vec<_>>())
+                .collect(),
+            _ => Vec::new(),
+        };
+        // And after (at a longer context than while admitting: a conservative reference).
+        let after: Vec<f64> = match to {
+            Some(&to) => streams
+                .iter()
+                .filter_map(|id| self.tokens.get(id))
+                .flat_map(|t| t.windows(2).filter(|w| w[0] > to).map(|w| (w[1] - w[0]).as_secs_f64()).collect::<Vec<_>>())
+                .collect(),
+            None => Vec::new(),
+        };
         serde_json::json!({
             "concurrency": b.concurrency,
             "mix": format!("{:?}", b.mix),
@@ -213,8 +233,11 @@ impl Record {
             "itl_s_p50": percentile(&itl, 0.5),
             "itl_s_p99": percentile(&itl, 0.99),
             "late_ttft_s": late.iter().filter_map(|id| Some((*self.tokens.get(id)?.first()? - *submitted.get(id)?).as_secs_f64())).collect::<Vec<_>>(),
-            "itl_while_admitting_s_p50": percentile(&self.loaded_gaps, 0.5),
-            "itl_while_admitting_s_p99": percentile(&self.loaded_gaps, 0.99),
+            "itl_while_admitting_s_p50": percentile(&loaded, 0.5),
+            "itl_while_admitting_s_p99": percentile(&loaded, 0.99),
+            "itl_while_admitting_s_max": loaded.iter().copied().fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v)))),
+            "itl_while_admitting_gaps": loaded.len(),
+            "itl_after_admitting_s_p50": percentile(&after, 0.5),
             "wall_s": wall,
             "peak_rss_mib": peak_rss_bytes().map(|b| b as f64 / 1048576.0),
         })

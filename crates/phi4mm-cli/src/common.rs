@@ -64,8 +64,33 @@ impl ModelArgs {
         }
     }
 
-    /// Resolves and loads the model, with a progress bar on a terminal.
+    /// Resolves and loads the model with a loading bar, without the audio bar (the server).
+    pub fn load_plain(&self) -> Result<Engine> {
+        self.load_engine().map(|(e, _)| e)
+    }
+
+    /// Resolves and loads the model, with progress bars on a terminal (loading; long audio).
     pub fn load(&self) -> Result<(Engine, f64)> {
+        let (mut engine, secs) = self.load_engine()?;
+        // A progress bar for long audio (more than one 40-second window).
+        let audio_bar = ProgressBar::new(0);
+        audio_bar.set_style(
+            ProgressStyle::with_template("encoding audio {bar:40} {pos}/{len} windows ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        engine.set_encode_progress(Box::new(move |done, total| {
+            if total > 1 {
+                audio_bar.set_length(total as u64);
+                audio_bar.set_position(done as u64);
+                if done == total {
+                    audio_bar.finish_and_clear();
+                }
+            }
+        }));
+        Ok((engine, secs))
+    }
+
+    fn load_engine(&self) -> Result<(Engine, f64)> {
         self.apply_threads();
         let dir: PathBuf = phi4mm::model::hub::resolve_model(&self.model)?;
         let bar = ProgressBar::new(0);
@@ -87,23 +112,8 @@ impl ModelArgs {
             })),
         };
         let t = Instant::now();
-        let mut engine = Engine::load(&dir, opts).with_context(|| format!("loading {}", dir.display()))?;
+        let engine = Engine::load(&dir, opts).with_context(|| format!("loading {}", dir.display()))?;
         bar.finish_and_clear();
-        // A progress bar for long audio (more than one 40-second window).
-        let audio_bar = ProgressBar::new(0);
-        audio_bar.set_style(
-            ProgressStyle::with_template("encoding audio {bar:40} {pos}/{len} windows ({eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        engine.set_encode_progress(Box::new(move |done, total| {
-            if total > 1 {
-                audio_bar.set_length(total as u64);
-                audio_bar.set_position(done as u64);
-                if done == total {
-                    audio_bar.finish_and_clear();
-                }
-            }
-        }));
         Ok((engine, t.elapsed().as_secs_f64()))
     }
 }

@@ -11,6 +11,7 @@ mod chat;
 mod common;
 mod quantize;
 mod run;
+mod serve;
 mod transcribe;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,8 @@ enum Command {
     Transcribe(transcribe::TranscribeArgs),
     /// Write a copy of a checkpoint with quantised decoder weights (q8_0, q4_0).
     Quantize(quantize::QuantizeArgs),
+    /// Serve the OpenAI-compatible HTTP API (chat, completions, tokenize, models, health).
+    Serve(serve::ServeArgs),
 }
 
 /// Keeps freed memory in the process (glibc). Prefill's tensors are tens of MB each; by default
@@ -62,7 +65,7 @@ fn main() {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("phi4mm={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("phi4mm={level},phi4mm_server={level}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -73,6 +76,7 @@ fn main() {
         Command::Bench(a) => bench::run(a),
         Command::Transcribe(a) => transcribe::run(a),
         Command::Quantize(a) => quantize::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -287,3 +287,68 @@ fn adapters_never_share_blocks_and_eviction_keeps_to_the_budget() {
     assert!(st.hits >= 1 && st.evicted_blocks > 0, "{st:?}");
     assert!(st.positions <= 2 * DEFAULT_PREFILL_CHUNK);
 }
+
+#[test]
+fn media_and_prompts_are_prepared_a_piece_per_step_while_streams_decode() {
+    let engine = load_tiny(DType::F32);
+    let one = SchedulerOptions { pieces_per_step: Some(1), ..opts(4, 64) };
+    let mut s = Scheduler::new(&engine, one);
+    let mut stream = chat("Tell me about Rust.", &[], &[]);
+    stream.max_new_tokens = 2000;
+    let stream_prep = engine.prepare(&stream).unwrap();
+    let sid = s.submit_prepared(stream.clone(), stream_prep.clone()).unwrap();
+    while s.step().iter().all(|e| !matches!(e, Event::Token { .. })) {}
+    // An image + audio question and a 300-row text prompt (5 chunks of 64) arrive.
+    let mut late = vec![chat("Answer the spoken question about the image.", &["wide_500x300.png"], &["speech_10s_16k.wav"])];
+    late.push(chat("", &[], &[]));
+    let late: Vec<(GenerateRequest, Prepared)> = vec![
+        (late[0].clone(), engine.prepare(&late[0]).unwrap()),
+        (late[1].clone(), Prepared::text((0..300u32).map(|i| 700 + i * 13).collect())),
+    ];
+    let crops = late[0].1.images[0].crops() + 1;
+    let ids: Vec<RequestId> = late.iter().map(|(r, p)| s.submit_prepared(r.clone(), p.clone()).unwrap()).collect();
+    let (mut steps, mut first_token) = (0, HashMap::new());
+    let mut done = HashMap::new();
+    let mut crop_progress = Vec::new();
+    while done.len() < ids.len() {
+        let events = s.step();
+        steps += 1;
+        let stream_tokens = events.iter().filter(|e| matches!(e, Event::Token { id, .. } if *id == sid)).count();
+        assert_eq!(stream_tokens, 1, "step {steps}: the running stream gets its token while the others prepare");
+        for e in events {
+            match e {
+                Event::Token { id, .. } if id != sid => {
+                    first_token.entry(id).or_insert(steps);
+                }
+                Event::Progress { id, stage: phi4mm::scheduler::Stage::Images, done, total } if id == ids[0] => crop_progress.push((done, total)),
+                Event::Done { id, completion } => {
+                    done.insert(id, completion);
+                }
+                Event::Failed { id, error } => panic!("request {id} failed: {error}"),
+                _ => {}
+            }
+        }
+    }
+    // Each crop went through the tower in several pieces (embedding, then a third of a layer each),
+    // so the image request took many steps, the crops reported one by one.
+    assert!(first_token[&ids[0]] >= 3 * crops, "{} steps for {crops} crops", first_token[&ids[0]]);
+    assert_eq!(crop_progress, (1..=crops).map(|c| (c, crops)).collect::<Vec<_>>());
+    // Five chunks, each block in three pieces (3 blocks): at least 45 pieces for the text prompt.
+    assert!(first_token[&ids[1]] >= 45, "{} steps", first_token[&ids[1]]);
+    // Sliced or not, the numbers are those of a request alone.
+    for (i, (r, p)) in late.iter().enumerate() {
+        let alone = run_all(&engine, opts(1, 64), std::slice::from_ref(&(r.clone(), p.clone())));
+        let c = &done[&ids[i]];
+        assert_eq!((c.tokens.clone(), bits(c)), alone[0], "late request {i}");
+    }
+    assert!(s.cancel(sid));
+    let c = s.step().into_iter().find_map(|e| match e {
+        Event::Cancelled { completion, .. } => completion,
+        _ => None,
+    });
+    let c = c.expect("the stream's partial completion");
+    let mut alone = stream.clone();
+    alone.max_new_tokens = c.tokens.len();
+    let a = run_all(&engine, opts(1, 64), &[(alone, stream_prep)]);
+    assert_eq!((c.tokens.clone(), bits(&c)), a[0], "the stream");
+}

@@ -29,8 +29,6 @@ pub const PREFIX: &str = "model.embed_tokens_extend.audio_embed";
 const EPS: f64 = 1e-5;
 /// Subsampled frames per attention window.
 const WINDOW: usize = 500;
-/// Windows sent through the Conformer at once.
-const WINDOWS_PER_BATCH: usize = 2;
 /// Subsampled frames computed per subsampling chunk.
 const SUB_CHUNK: usize = 250;
 
@@ -75,6 +73,7 @@ struct Attention {
 }
 
 /// A batch of windows' additive attention terms, in the form its attention path takes.
+#[derive(Debug)]
 enum WindowBias {
     /// The CPU kernel's: the key mask and the relative bias per head and offset.
     Terms(ScoreTerms),
@@ -273,74 +272,116 @@ impl AudioEncoder {
     /// mask at all for a single audio). Returns `[⌈T_i/8⌉, hidden]` per audio.
     /// `progress` is told (windows done, windows total).
     pub fn encode(&self, audios: &[LogMel], progress: Option<&dyn Fn(usize, usize)>) -> Result<Vec<Tensor>> {
-        let t_max = audios.iter().map(|a| a.frames).max().unwrap_or(0);
-        let masked = audios.len() > 1;
-        let tp = t_max.div_ceil(8);
-        let windows_per = if tp > WINDOW { tp.div_ceil(WINDOW) } else { 1 };
-        let total = windows_per * audios.len();
-        let mut done = 0;
-        let mut outs = Vec::with_capacity(audios.len());
-        for a in audios {
-            // Normalise, with zero-padded frames (normalised too) up to the batch length.
-            let mut f = vec![0f32; t_max * N_MELS];
-            f[..a.data.len()].copy_from_slice(&a.data);
-            for row in f.chunks_exact_mut(N_MELS) {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = (*v - self.mean[j]) * self.invstd[j];
-                }
-            }
-            let valid = a.num_tokens();
-            let win_len = tp.min(WINDOW);
-            let mut pieces = Vec::new();
-            let mut w0 = 0;
-            while w0 < windows_per {
-                let nw = WINDOWS_PER_BATCH.min(windows_per - w0);
-                let mut xs = Vec::with_capacity(nw);
-                let mut mask = vec![0f32; nw * win_len];
-                for w in w0..w0 + nw {
-                    let k0 = w * win_len;
-                    let k1 = (k0 + win_len).min(tp);
-                    let mut x = self.subsample(&f, t_max, k0, k1)?;
-                    if k1 - k0 < win_len {
-                        // The last window is zero-padded (after the input projection).
-                        let pad = Tensor::zeros((win_len - (k1 - k0), x.dim(1)?), x.dtype(), &self.device)?;
-                        x = Tensor::cat(&[&x, &pad], 0)?;
-                    }
-                    for j in 0..win_len {
-                        if masked && k0 + j >= valid {
-                            mask[(w - w0) * win_len + j] = f32::NEG_INFINITY;
-                        }
-                    }
-                    xs.push(x);
-                }
-                let x = Tensor::stack(&xs, 0)?; // [nw, win, d]
-                let bias = self.bias(win_len, if masked { Some(&mask) } else { None }, nw)?;
-                let mut h = x;
-                for b in &self.blocks {
-                    h = b.forward(&h, &bias)?;
-                }
-                pieces.push(h.reshape(((), h.dim(2)?))?);
-                w0 += nw;
-                done += nw;
-                if let Some(p) = progress {
+        let mut job = self.start(audios, None);
+        let mut told = 0;
+        loop {
+            let out = self.advance(audios, &mut job)?;
+            if let (Some(p), (done, total)) = (progress, job.windows()) {
+                if done > told {
+                    told = done;
                     p(done, total);
                 }
             }
-            outs.push(Tensor::cat(&pieces, 0)?.narrow(0, 0, valid)?);
+            if out.is_some() {
+                return Ok(std::mem::take(&mut job.outs));
+            }
         }
-        Ok(outs)
     }
 
-    /// Subsampled, projected frames `k0..k1` in chunks (bounded memory).
-    fn subsample(&self, f: &[f32], t: usize, k0: usize, k1: usize) -> Result<Tensor> {
-        let mut parts = Vec::new();
-        let mut k = k0;
-        while k < k1 {
-            let e = (k + SUB_CHUNK).min(k1);
-            parts.push(self.sub.forward_range(f, t, k, e, &self.device, self.act)?);
-            k = e;
+    /// Starts encoding the audios of one request (see [`AudioEncoder::encode`]), their outputs
+    /// projected by `project` when given; run it with [`AudioEncoder::advance`].
+    pub fn start(&self, audios: &[LogMel], project: Option<Projector>) -> AudioJob {
+        let t_max = audios.iter().map(|a| a.frames).max().unwrap_or(0);
+        let tp = t_max.div_ceil(8);
+        AudioJob {
+            project,
+            t_max,
+            tp,
+            windows_per: if tp > WINDOW { tp.div_ceil(WINDOW) } else { 1 },
+            masked: audios.len() > 1,
+            audios: audios.len(),
+            feats: Vec::new(),
+            window: 0,
+            sub: Vec::new(),
+            inflight: None,
+            pieces: Vec::new(),
+            outs: Vec::new(),
         }
-        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Runs the next piece of `job` (started on these `audios`): a subsampling chunk of the
+    /// window in flight, one Conformer block over it, or its projection. After the last piece
+    /// returns the outputs of all audios one after the other (projected when asked).
+    pub fn advance(&self, audios: &[LogMel], job: &mut AudioJob) -> Result<Option<Tensor>> {
+        let Some(a) = audios.get(job.outs.len()) else {
+            return Err(crate::Error::Request("the audio job has no audio left".into()));
+        };
+        if job.feats.is_empty() {
+            job.feats = self.normalised(a, job.t_max);
+        }
+        let win = job.tp.min(WINDOW);
+        let k0 = job.window * win;
+        let k1 = (k0 + win).min(job.tp);
+        if let Some((h, bias, block)) = job.inflight.take() {
+            if block < self.blocks.len() {
+                let h = self.blocks[block].forward(&h, &bias)?;
+                job.inflight = Some((h, bias, block + 1));
+                return Ok(None);
+            }
+            // The window's rows that belong to the audio, projected when asked.
+            let rows = a.num_tokens().saturating_sub(k0).min(win);
+            if rows > 0 {
+                let out = h.reshape(((), h.dim(2)?))?.narrow(0, 0, rows)?;
+                job.pieces.push(match job.project {
+                    Some(p) => self.project(&out, p)?,
+                    None => out,
+                });
+            }
+            return self.next_window(job);
+        }
+        let done: usize = job.sub.iter().map(|t| t.dims()[0]).sum();
+        if k0 + done < k1 {
+            let e = (k0 + done + SUB_CHUNK).min(k1);
+            job.sub.push(self.sub.forward_range(&job.feats, job.t_max, k0 + done, e, &self.device, self.act)?);
+            return Ok(None);
+        }
+        let mut x = Tensor::cat(&std::mem::take(&mut job.sub)[..], 0)?;
+        if k1 - k0 < win {
+            // The last window is zero-padded (after the input projection).
+            let pad = Tensor::zeros((win - (k1 - k0), x.dim(1)?), x.dtype(), &self.device)?;
+            x = Tensor::cat(&[&x, &pad], 0)?;
+        }
+        let mask: Vec<f32> = (0..win).map(|j| if k0 + j >= a.num_tokens() { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let bias = self.bias(win, job.masked.then_some(&mask[..]), 1)?;
+        job.inflight = Some((x.unsqueeze(0)?, bias, 0));
+        Ok(None)
+    }
+
+    /// After a window: on to the next, or the next audio, or (after the last) every output.
+    fn next_window(&self, job: &mut AudioJob) -> Result<Option<Tensor>> {
+        job.window += 1;
+        if job.window < job.windows_per {
+            return Ok(None);
+        }
+        job.outs.push(Tensor::cat(&std::mem::take(&mut job.pieces)[..], 0)?);
+        job.window = 0;
+        job.feats.clear();
+        if job.outs.len() < job.audios {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::cat(&job.outs, 0)?))
+    }
+
+    /// `a`'s log-mel features normalised, zero-padded (padding normalised too) to `t_max` frames.
+    fn normalised(&self, a: &LogMel, t_max: usize) -> Vec<f32> {
+        let mut f = vec![0f32; t_max * N_MELS];
+        f[..a.data.len()].copy_from_slice(&a.data);
+        for row in f.chunks_exact_mut(N_MELS) {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = (*v - self.mean[j]) * self.invstd[j];
+            }
+        }
+        f
     }
 
     /// The attention terms for windows of `t` frames, for the attention path this encoder takes.
@@ -355,6 +396,39 @@ impl AudioEncoder {
             Projector::Speech => self.speech_projection.forward(x),
             Projector::Vision => self.vision_projection.forward(x),
         }
+    }
+}
+
+
+/// The audios of one request on their way through the encoder a piece at a time (see
+/// [`AudioEncoder::advance`]), so a scheduler can encode them between decode steps. Each
+/// window goes through the Conformer on its own (they are independent) and the pieces compute
+/// exactly what [`AudioEncoder::encode`] computes: it runs a job to its end.
+#[derive(Debug)]
+pub struct AudioJob {
+    project: Option<Projector>,
+    /// Frames of the longest audio, before and after subsampling.
+    t_max: usize,
+    tp: usize,
+    windows_per: usize,
+    masked: bool,
+    audios: usize,
+    /// The normalised features of the audio in flight (empty between audios).
+    feats: Vec<f32>,
+    /// The window in flight (of that audio), its subsampled chunks so far, and then its
+    /// hidden state with its attention terms and the blocks it has been through.
+    window: usize,
+    sub: Vec<Tensor>,
+    inflight: Option<(Tensor, WindowBias, usize)>,
+    /// Outputs of the audio in flight's finished windows, and of the finished audios.
+    pieces: Vec<Tensor>,
+    outs: Vec<Tensor>,
+}
+
+impl AudioJob {
+    /// (windows done, windows in all), over all audios.
+    pub fn windows(&self) -> (usize, usize) {
+        (self.outs.len() * self.windows_per + self.window, self.audios * self.windows_per)
     }
 }
 

@@ -5,6 +5,7 @@
 //!
 //! The decoder sees only embeddings: media features are merged into them by the engine.
 
+mod chunk;
 pub mod kv_cache;
 pub mod layers;
 pub mod lora;
@@ -12,6 +13,8 @@ pub mod rope;
 
 mod step;
 
+pub use chunk::Prefill;
+use chunk::PIECES_PER_BLOCK;
 pub use step::DecodeRow;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -182,11 +185,16 @@ impl Mlp {
         })
     }
 
-    /// `[n, hidden]` → `[n, hidden]`.
-    fn forward(&self, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
+    /// `[n, hidden]` → SiLU(gate)·up `[n, inter]`.
+    fn up(&self, x: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
         let gu = self.gate_up_proj.forward(x, adapter)?; // [n, 2·inter]
         debug_assert_eq!(gu.dim(1)?, 2 * self.inter);
-        self.down_proj.forward(&crate::kernels::elementwise::swiglu(&gu)?, adapter)
+        crate::kernels::elementwise::swiglu(&gu)
+    }
+
+    /// `[n, inter]` → `[n, hidden]`.
+    fn down(&self, h: &Tensor, adapter: Option<Adapter>) -> Result<Tensor> {
+        self.down_proj.forward(h, adapter)
     }
 }
 
@@ -414,86 +422,38 @@ impl Decoder {
         cache: &mut KvCache,
         adapter: Option<Adapter>,
         long: bool,
-        mut taps: Option<&mut Taps>,
+        taps: Option<&mut Taps>,
     ) -> Result<Tensor> {
-        let n = embeds.dim(0)?;
-        let start = cache.len();
-        if n == 0 {
-            return Err(Error::Request("empty input".into()));
+        // Checks the adapter and the mode, and resets a cache that starts here.
+        let mut job = self.prefill(embeds, cache, adapter, long)?;
+        if let Some(t) = taps {
+            return self.run_tapped(embeds, cache, adapter, long, t);
         }
-        if let Some(a) = adapter {
-            if !self.has_adapter(a) {
-                return Err(Error::Request(format!(
-                    "this checkpoint has no {} LoRA adapter",
-                    a.name()
-                )));
+        loop {
+            if let Some(h) = self.advance(&mut job, cache)? {
+                return Ok(h);
             }
         }
-        if start == 0 {
-            cache.reset(long);
-        } else if long != cache.is_long() {
-            return Err(Error::Request(
-                "KV cache was filled with the other LongRoPE factors; re-prefill".into(),
-            ));
-        }
-        if n == 1 && taps.is_none() && self.can_step(cache) {
-            let h = self.step(embeds, start, long, cache, adapter)?;
-            cache.set_len(start + 1);
-            return Ok(h);
-        }
-        let chunk = if taps.is_some() { n } else { self.prefill_chunk(start + n) };
-        let mut last = None;
-        let mut pos = start;
-        while pos < start + n {
-            let len = chunk.min(start + n - pos);
-            let x = embeds.narrow(0, pos - start, len)?.to_dtype(self.dtype)?;
-            let h = self.run_layers(x, pos, long, cache, adapter, taps.as_deref_mut())?;
-            pos += len;
-            cache.set_len(pos);
-            last = Some(h);
-        }
-        let h = last.ok_or_else(|| Error::Request("empty input".into()))?;
-        if let Some(t) = taps {
-            t.push(("final_norm".into(), self.norm.forward(&h)?));
-        }
-        let h_last = h.narrow(0, h.dim(0)? - 1, 1)?;
-        self.norm.forward(&h_last)
     }
 
-    /// The blocks over one chunk `[len, hidden]` at positions `pos..`; returns the last block's
-    /// output (before the final norm).
-    fn run_layers(
-        &self,
-        mut x: Tensor,
-        pos: usize,
-        long: bool,
-        cache: &mut KvCache,
-        adapter: Option<Adapter>,
-        mut taps: Option<&mut Taps>,
-    ) -> Result<Tensor> {
-        let len = x.dim(0)?;
-        let cos_sin = self.rope.cos_sin(pos, len, long, self.dtype, &self.device)?;
-        if let Some(t) = taps.as_deref_mut() {
-            t.push(("embeddings".into(), x.clone()));
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&x)?,
-                i,
-                pos,
-                &cos_sin,
-                &self.rope,
-                cache,
-                adapter,
-            )?;
-            let h = (x + a)?;
-            let m = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?, adapter)?;
-            x = (h + m)?;
-            if let Some(t) = taps.as_deref_mut() {
-                t.push((format!("layer.{i}"), x.clone()));
+    /// The whole input in one pass, recording the embeddings, every block's output and the
+    /// final norm; returns the last row's final normalised hidden state.
+    fn run_tapped(&self, embeds: &Tensor, cache: &mut KvCache, adapter: Option<Adapter>, long: bool, taps: &mut Taps) -> Result<Tensor> {
+        let pos = cache.len();
+        let mut x = embeds.to_dtype(self.dtype)?;
+        let cos_sin = self.rope.cos_sin(pos, x.dim(0)?, long, self.dtype, &self.device)?;
+        taps.push(("embeddings".into(), x.clone()));
+        for i in 0..self.layers.len() {
+            let mut st = (x, None);
+            for piece in 0..PIECES_PER_BLOCK {
+                st = self.block_piece(i, piece, st, pos, &cos_sin, cache, adapter)?;
             }
+            x = st.0;
+            taps.push((format!("layer.{i}"), x.clone()));
         }
-        Ok(x)
+        cache.set_len(pos + x.dim(0)?);
+        taps.push(("final_norm".into(), self.norm.forward(&x)?));
+        self.norm.forward(&x.narrow(0, x.dim(0)? - 1, 1)?)
     }
 
     /// Queries per prefill chunk: 2048 on the fused kernel (no score matrix), else so one score

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::audio::{AudioEncoder, Projector};
+use crate::audio::{AudioEncoder, AudioJob, Projector};
 use crate::audio::audio_features::{log_mel, LogMel};
 use crate::audio::audio_io::{decode_audio, load_audio, AudioLimits};
 use crate::model::config::{GenerationConfig, ModelConfig};
@@ -21,7 +21,7 @@ use crate::model::encoder_config::VisionConfig;
 use crate::model::hub::ModelFiles;
 use crate::vision::image_io::{decode_image, load_image, ImageLimits, RgbImage};
 use crate::vision::image_prep::{Layout, PreparedImage};
-use crate::vision::VisionEncoder;
+use crate::vision::{ImageJob, VisionEncoder};
 use crate::text::prompt::{self, Mode};
 use crate::decoder::kv_cache::KvFormat;
 use crate::model::quant::QType;
@@ -392,27 +392,65 @@ impl Engine {
         if prepared.audios.is_empty() {
             return Ok(None);
         }
-        let audio = self
-            .audio
-            .as_ref()
-            .ok_or_else(|| Error::Unsupported("no audio encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
+        let mut job = self.start_audios(prepared)?;
+        let mut told = 0;
+        loop {
+            let out = self.advance_audios(prepared, &mut job)?;
+            let (done, total) = job.windows();
+            if done > told {
+                told = done;
+                progress.iter().for_each(|f| f(done, total));
+            }
+            if out.is_some() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Starts encoding every audio of the request (see [`Engine::encode_audios`]); run it with
+    /// [`Engine::advance_audios`], a piece at a time.
+    pub fn start_audios(&self, prepared: &Prepared) -> Result<AudioJob> {
         let which = if prepared.mode == Mode::VisionSpeech { Projector::Vision } else { Projector::Speech };
-        let both = |done: usize, total: usize| {
+        Ok(self.audio_encoder()?.start(&prepared.audios, Some(which)))
+    }
+
+    /// The next piece of `job`; the projected features of all audios after the last. The
+    /// engine's [`Engine::set_encode_progress`] hears of every window finished.
+    pub fn advance_audios(&self, prepared: &Prepared, job: &mut AudioJob) -> Result<Option<Tensor>> {
+        let before = job.windows().0;
+        let out = self.audio_encoder()?.advance(&prepared.audios, job)?;
+        let (done, total) = job.windows();
+        if done > before {
             self.encode_progress.iter().for_each(|f| f(done, total));
-            progress.iter().for_each(|f| f(done, total));
-        };
-        let encoded = audio.encode(&prepared.audios, Some(&both))?;
-        let feats: Vec<Tensor> = encoded.iter().map(|e| audio.project(e, which)).collect::<Result<_>>()?;
-        Ok(Some(Tensor::cat(&feats, 0)?))
+        }
+        Ok(out)
+    }
+
+    fn audio_encoder(&self) -> Result<&AudioEncoder> {
+        self.audio
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("no audio encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))
     }
 
     /// The projected features of one prepared image.
     pub fn encode_image(&self, img: &PreparedImage) -> Result<Tensor> {
-        let vision = self
-            .vision
+        self.image_encoder()?.encode(img)
+    }
+
+    /// Starts encoding `img`; run it with [`Engine::advance_image`], a piece at a time.
+    pub fn start_image(&self, img: &PreparedImage) -> Result<ImageJob> {
+        Ok(self.image_encoder()?.start(img))
+    }
+
+    /// The next piece of `job`; the image's projected features after the last.
+    pub fn advance_image(&self, img: &PreparedImage, job: &mut ImageJob) -> Result<Option<Tensor>> {
+        self.image_encoder()?.advance(img, job)
+    }
+
+    fn image_encoder(&self) -> Result<&VisionEncoder> {
+        self.vision
             .as_ref()
-            .ok_or_else(|| Error::Unsupported("no image encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))?;
-        vision.encode(img)
+            .ok_or_else(|| Error::Unsupported("no image encoder is loaded (the checkpoint has none, or the model was loaded text-only)".into()))
     }
 
     /// The prompt's token embeddings with the audio features and then each image's features

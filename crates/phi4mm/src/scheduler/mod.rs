@@ -4,13 +4,16 @@
 //!
 //! A step is one decode step for every sequence that is generating — all modes together:
 //! each weight read once for the batch, each LoRA adapter once for the rows of its mode
-//! ([`Decoder::decode_batch`](crate::decoder::Decoder::decode_batch)) — followed by one piece
-//! of work for the oldest sequence still preparing: one image, the request's audio, or a chunk
-//! of at most `prefill_chunk` prompt rows. So a long prompt or a large image delays the
-//! running streams by one piece per token, not by its whole length. A sequence's numbers do
-//! not depend on the others in its step (batch invariance): the same request gives the same
-//! tokens and log-probabilities alone or in any batch, and [`Engine::generate`] is this
-//! scheduler with one request.
+//! ([`Decoder::decode_batch`](crate::decoder::Decoder::decode_batch)) — followed by pieces of
+//! preparation work for the oldest sequences still preparing, for about as long as the decode
+//! step took. A piece is small and fixed by the input alone: half a tower layer of one image
+//! crop, one Conformer block of one audio window (or a subsampling chunk, or a projection),
+//! half a decoder block of a prompt chunk of at most `prefill_chunk` rows. So a 1280×720
+//! image, a 30-minute recording or a long prompt arriving delays the running streams by
+//! about one decode step per token, not by its whole encoding. Since the pieces are the
+//! same whatever the timing, a sequence's numbers do not depend on the others in its step
+//! (batch invariance): the same request gives the same tokens and log-probabilities alone or
+//! in any batch, and [`Engine::generate`] is this scheduler with one request.
 //!
 //! Memory: every admitted sequence reserves its prompt plus `max_new_tokens` positions of a
 //! KV budget; a request waits in a bounded queue until that fits, and a full queue is
@@ -20,6 +23,7 @@ mod prefix;
 mod seq;
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::decoder::DecodeRow;
 use crate::engine::Engine;
@@ -41,6 +45,10 @@ const CACHE_STEP: usize = 512;
 /// uses this one value.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
+/// How long a step prepares when no sequence is decoding (then nobody waits on a token; the
+/// step returns so new requests and cancellations are seen).
+const IDLE_PREPARE: Duration = Duration::from_millis(500);
+
 /// How the scheduler batches.
 #[derive(Debug, Clone)]
 pub struct SchedulerOptions {
@@ -59,6 +67,10 @@ pub struct SchedulerOptions {
     /// Bytes of encoded media features kept for later requests with the same image or audio
     /// (0: none).
     pub media_cache_bytes: usize,
+    /// Preparation pieces per step: `None` runs them for about as long as the step's decode
+    /// took ([`IDLE_PREPARE`] when nothing decodes); `Some(n)` runs exactly up to `n` (for
+    /// reproducible interleaving in tests). Either way the numbers are the same.
+    pub pieces_per_step: Option<usize>,
 }
 
 impl SchedulerOptions {
@@ -75,6 +87,7 @@ impl SchedulerOptions {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             prefix_cache: true,
             media_cache_bytes: 512 << 20,
+            pieces_per_step: None,
         }
     }
 
@@ -87,6 +100,7 @@ impl SchedulerOptions {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             prefix_cache: false,
             media_cache_bytes: 0,
+            pieces_per_step: None,
         }
     }
 
@@ -128,9 +142,11 @@ fn available_memory() -> Option<usize> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
-    /// Images encoded.
+    /// Image crops through the tower (all images of the request together; an image found
+    /// in the media cache counts all its crops at once).
     Images,
-    /// Audio windows encoded (all audios of the request together).
+    /// Audio windows encoded (all audios of the request together; one of one when found in
+    /// the media cache).
     Audio,
     /// Prompt positions prefilled (after a LongRoPE crossing: the whole sequence again).
     Prompt,
@@ -250,6 +266,11 @@ impl<'e> Scheduler<'e> {
         self.waiting.len()
     }
 
+    /// Admitted sequences still encoding media or prefilling.
+    pub fn preparing(&self) -> usize {
+        self.running.iter().filter(|s| s.phase != Phase::Decode).count()
+    }
+
     /// Whether nothing is queued or running.
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
@@ -261,13 +282,16 @@ impl<'e> Scheduler<'e> {
     }
 
     /// One scheduling step: cancellations, admissions, one decode step for every generating
-    /// sequence, one piece of preparation work. Returns the events, in order.
+    /// sequence, then preparation work for about as long. Returns the events, in order.
     pub fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         self.drop_cancelled(&mut events);
         self.admit(&mut events);
+        let t = Instant::now();
+        let decoding = self.running.iter().any(|s| s.phase == Phase::Decode);
         self.decode(&mut events);
-        self.prepare_one(&mut events);
+        let budget = if decoding { t.elapsed() } else { IDLE_PREPARE };
+        self.prepare(budget, &mut events);
         events
     }
 
@@ -372,15 +396,38 @@ impl<'e> Scheduler<'e> {
         }
     }
 
-    /// One piece of work for the oldest sequence that is encoding or prefilling.
-    fn prepare_one(&mut self, events: &mut Vec<Event>) {
+    /// Preparation pieces for the oldest sequences that are encoding or prefilling: while the
+    /// next piece (guessed to take as long as the last) still fits in `budget` — at least one —
+    /// or exactly [`SchedulerOptions::pieces_per_step`].
+    fn prepare(&mut self, budget: Duration, events: &mut Vec<Event>) {
+        let start = Instant::now();
+        let mut pieces = 0;
+        while let Some(i) = self.running.iter().position(|s| s.phase != Phase::Decode) {
+            let t = Instant::now();
+            let (id, phase) = (self.running[i].id, self.running[i].phase);
+            self.prepare_piece(i, events);
+            pieces += 1;
+            if t.elapsed() > Duration::from_millis(300) {
+                tracing::debug!(id, ?phase, secs = t.elapsed().as_secs_f64(), "slow preparation piece");
+            }
+            let done = match self.opts.pieces_per_step {
+                Some(n) => pieces >= n,
+                None => start.elapsed() + t.elapsed() > budget,
+            };
+            if done {
+                break;
+            }
+        }
+    }
+
+    /// One piece of work for sequence `i`.
+    fn prepare_piece(&mut self, i: usize, events: &mut Vec<Event>) {
         let engine = self.engine;
         let chunk = self.opts.prefill_chunk;
         let room = self.room();
-        let Some(i) = self.running.iter().position(|s| s.phase != Phase::Decode) else { return };
         let s = &mut self.running[i];
         let r = match s.phase {
-            Phase::Encode => s.encode_next(engine, &mut self.cache, events).map(|_| false),
+            Phase::Encode => s.encode_piece(engine, &mut self.cache, events).map(|_| false),
             _ => s.prefill(engine, chunk, &mut self.cache, room, events),
         };
         match r {

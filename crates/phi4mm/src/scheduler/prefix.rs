@@ -281,28 +281,38 @@ impl PrefixCache {
         }
     }
 
-    /// The features of media `key` from the cache, or `encode`d (and kept, evicting the least
-    /// recently used features beyond the byte bound); true when they were encoded. Without a
-    /// key (caching off) they are always encoded.
-    pub fn media_or(&mut self, key: Option<Key>, encode: impl FnOnce() -> Result<Tensor>) -> Result<(Tensor, bool)> {
-        let Some(key) = key else { return Ok((encode()?, true)) };
+    /// The features of media `key` from the cache (counted as a hit), or none (a miss, or
+    /// caching off: no key).
+    pub fn media_get(&mut self, key: Option<Key>) -> Option<Tensor> {
+        let key = key?;
         self.tick += 1;
-        if let Some((t, used)) = self.media.get_mut(&key) {
-            *used = self.tick;
-            self.stats.media_hits += 1;
-            return Ok((t.clone(), false));
-        }
-        let feats = encode()?;
-        self.stats.media_misses += 1;
-        if tensor_bytes(&feats) <= self.media_max {
-            self.media.insert(key, (feats.clone(), self.tick));
-            while self.media_bytes() > self.media_max {
-                let victim = self.media.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
-                let Some(k) = victim else { break };
-                self.media.remove(&k);
+        match self.media.get_mut(&key) {
+            Some((t, used)) => {
+                *used = self.tick;
+                self.stats.media_hits += 1;
+                Some(t.clone())
+            }
+            None => {
+                self.stats.media_misses += 1;
+                None
             }
         }
-        Ok((feats, true))
+    }
+
+    /// Keeps the encoded features of media `key`, evicting the least recently used features
+    /// beyond the byte bound (features larger than the bound are not kept).
+    pub fn media_keep(&mut self, key: Option<Key>, feats: &Tensor) {
+        let Some(key) = key else { return };
+        if tensor_bytes(feats) > self.media_max {
+            return;
+        }
+        self.tick += 1;
+        self.media.insert(key, (feats.clone(), self.tick));
+        while self.media_bytes() > self.media_max {
+            let victim = self.media.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
+            let Some(k) = victim else { break };
+            self.media.remove(&k);
+        }
     }
 
     fn media_bytes(&self) -> usize {

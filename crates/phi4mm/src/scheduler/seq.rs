@@ -1,6 +1,6 @@
 //! One request inside the scheduler: its media encoded a piece at a time, its prompt
-//! prefilled in chunks, then one token per decode step; sampling, detokenizing and the stop
-//! rules are the same for every request.
+//! prefilled in chunks (each half a block at a time), then one token per decode step;
+//! sampling, detokenizing and the stop rules are the same for every request.
 
 use std::time::Instant;
 
@@ -8,7 +8,10 @@ use candle_core::Tensor;
 
 use super::prefix::{Key, MediaKeys, PrefixCache};
 use super::{Event, RequestId, Stage};
+use crate::audio::AudioJob;
+use crate::decoder::Prefill;
 use crate::text::detok::{StopMatcher, StreamDecoder};
+use crate::vision::ImageJob;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::decoder::kv_cache::KvCache;
@@ -40,6 +43,11 @@ pub(super) struct Seq<'e> {
     emb: Option<Tensor>,
     audio: Option<Tensor>,
     images: Vec<Tensor>,
+    /// The audios or the image being encoded.
+    audio_job: Option<AudioJob>,
+    image_job: Option<ImageJob>,
+    /// The prefill chunk in flight.
+    chunk: Option<Prefill>,
     /// Rows to prefill (the prompt, or prompt + output on the LongRoPE re-prefill), how many
     /// are done, and their LongRoPE mode.
     todo: Option<Tensor>,
@@ -80,6 +88,9 @@ impl<'e> Seq<'e> {
             emb: None,
             audio: None,
             images: Vec::new(),
+            audio_job: None,
+            image_job: None,
+            chunk: None,
             todo: None,
             filled: 0,
             long: false,
@@ -128,36 +139,67 @@ impl<'e> Seq<'e> {
         self.tokens.last().copied()
     }
 
-    /// Encodes the next piece of media: all audios (the encoder batches them as the reference
-    /// does), else the next image; pieces found in the media cache are taken on the way. When
-    /// none is left, merges them into the embeddings.
-    pub fn encode_next(&mut self, engine: &Engine, pc: &mut PrefixCache, events: &mut Vec<Event>) -> Result<()> {
-        let id = self.id;
-        let mut encoded = false;
-        while !encoded {
-            let p = &self.prepared;
+    /// Runs the next piece of media encoding: the audios first (encoded together, as the
+    /// reference batches them), then each image; media found in the media cache are taken
+    /// on the way without a piece. When all are there, merges them into the embeddings.
+    pub fn encode_piece(&mut self, engine: &Engine, pc: &mut PrefixCache, events: &mut Vec<Event>) -> Result<()> {
+        let (id, p) = (self.id, &self.prepared);
+        loop {
             if !p.audios.is_empty() && self.audio.is_none() {
                 let key = self.media_keys.as_ref().and_then(|m| m.audio);
-                // A cached audio reports one window of one.
-                let windows = std::cell::Cell::new((1, 1));
-                let (feats, fresh) = pc.media_or(key, || {
-                    let progress = |done: usize, total: usize| windows.set((done, total));
-                    engine.encode_audios(p, Some(&progress))?.ok_or_else(|| crate::Error::Request("no audio features".into()))
-                })?;
-                encoded = fresh;
-                self.audio = Some(feats);
-                let (done, total) = windows.get();
-                events.push(Event::Progress { id, stage: Stage::Audio, done, total });
+                if self.audio_job.is_none() {
+                    if let Some(feats) = pc.media_get(key) {
+                        self.audio = Some(feats);
+                        events.push(Event::Progress { id, stage: Stage::Audio, done: 1, total: 1 });
+                        continue;
+                    }
+                }
+                let job = match &mut self.audio_job {
+                    Some(j) => j,
+                    None => self.audio_job.insert(engine.start_audios(p)?),
+                };
+                let before = job.windows().0;
+                let out = engine.advance_audios(p, job)?;
+                let (done, total) = job.windows();
+                if done > before {
+                    events.push(Event::Progress { id, stage: Stage::Audio, done, total });
+                }
+                if let Some(feats) = out {
+                    pc.media_keep(key, &feats);
+                    self.audio = Some(feats);
+                    self.audio_job = None;
+                }
             } else if self.images.len() < p.images.len() {
                 let i = self.images.len();
                 let key = self.media_keys.as_ref().and_then(|m| m.images.get(i)).map(|k| k.0);
-                let (feats, fresh) = pc.media_or(key, || engine.encode_image(&p.images[i]))?;
-                encoded = fresh;
-                self.images.push(feats);
-                events.push(Event::Progress { id, stage: Stage::Images, done: i + 1, total: p.images.len() });
-            } else {
-                break;
+                let img = &p.images[i];
+                // Crops of the images before this one, and of all.
+                let before: usize = p.images[..i].iter().map(|m| 1 + m.crops()).sum();
+                let total: usize = p.images.iter().map(|m| 1 + m.crops()).sum();
+                if self.image_job.is_none() {
+                    if let Some(feats) = pc.media_get(key) {
+                        self.images.push(feats);
+                        events.push(Event::Progress { id, stage: Stage::Images, done: before + 1 + img.crops(), total });
+                        continue;
+                    }
+                }
+                let job = match &mut self.image_job {
+                    Some(j) => j,
+                    None => self.image_job.insert(engine.start_image(img)?),
+                };
+                let was = job.crops_done(img).0;
+                let out = engine.advance_image(img, job)?;
+                let now = job.crops_done(img).0;
+                if now > was {
+                    events.push(Event::Progress { id, stage: Stage::Images, done: before + now, total });
+                }
+                if let Some(feats) = out {
+                    pc.media_keep(key, &feats);
+                    self.images.push(feats);
+                    self.image_job = None;
+                }
             }
+            break;
         }
         let p = &self.prepared;
         if (p.audios.is_empty() || self.audio.is_some()) && self.images.len() == p.images.len() {
@@ -169,9 +211,10 @@ impl<'e> Seq<'e> {
         Ok(())
     }
 
-    /// Prefills up to `budget` rows; a full block is kept in the prefix cache while `room`
-    /// budget positions allow. After the last row samples the first (or, after a re-prefill,
-    /// the next) token. True when that token ended the sequence.
+    /// Runs the next piece of the prefill of up to `budget` rows (half a block; a chunk is
+    /// started when none is in flight). A finished full block is kept in the prefix cache
+    /// while `room` budget positions allow. After the last row samples the first (or, after a
+    /// re-prefill, the next) token. True when that token ended the sequence.
     pub fn prefill(&mut self, engine: &Engine, budget: usize, pc: &mut PrefixCache, room: usize, events: &mut Vec<Event>) -> Result<bool> {
         let dec = engine.decoder();
         if self.todo.is_none() {
@@ -190,10 +233,19 @@ impl<'e> Seq<'e> {
         }
         let todo = self.todo.clone().ok_or_else(|| crate::Error::Request("nothing to prefill".into()))?;
         let total = todo.dim(0)?;
-        let len = budget.max(1).min(total - self.filled);
-        self.cache.reserve(self.filled + len, self.limit())?;
         let adapter = self.adapter();
-        let h = dec.forward_as(&todo.narrow(0, self.filled, len)?, &mut self.cache, adapter, self.long, None)?;
+        let job = match &mut self.chunk {
+            Some(j) => j,
+            None => {
+                let len = budget.max(1).min(total - self.filled);
+                self.cache.reserve(self.filled + len, self.limit())?;
+                let rows = todo.narrow(0, self.filled, len)?;
+                self.chunk.insert(dec.prefill(&rows, &mut self.cache, adapter, self.long)?)
+            }
+        };
+        let Some(h) = dec.advance(job, &mut self.cache)? else { return Ok(false) };
+        let len = job.len();
+        self.chunk = None;
         let depth = self.filled / pc.block();
         if len == pc.block() && self.filled.is_multiple_of(pc.block()) && depth < self.keys.len() {
             pc.keep(&self.keys[..=depth], &self.cache, room)?;

@@ -117,6 +117,21 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The exact bytes token `id` stands for (a piece of a UTF-8 character for some
+    /// byte-level tokens; OpenAI's logprob `bytes`), or none for an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.inner.id_to_token(id)?;
+        let mut out = Vec::with_capacity(piece.len());
+        for c in piece.chars() {
+            match byte_of(c) {
+                Some(b) => out.push(b),
+                // Not the byte-level alphabet: an added token's literal text.
+                None => return Some(piece.into_bytes()),
+            }
+        }
+        Some(out)
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -219,6 +234,19 @@ fn write_py_str(s: &str, out: &mut String) {
         }
     }
     out.push('"');
+}
+
+/// The byte a character of the byte-level BPE alphabet stands for (GPT-2's `bytes_to_unicode`:
+/// printable bytes are their own character, the other 68 are U+0100… in byte order).
+/// Written out because the tokenizers crate keeps its table private.
+fn byte_of(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let v = c as u32;
+    if printable(v) {
+        return u8::try_from(v).ok();
+    }
+    let n = v.checked_sub(256)?;
+    (0u32..256).filter(|&b| !printable(b)).nth(n as usize).and_then(|b| u8::try_from(b).ok())
 }
 
 #[cfg(test)]

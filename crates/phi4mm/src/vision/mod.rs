@@ -20,8 +20,8 @@ use crate::model::weights::{Scope, Weights};
 /// Hub prefix of the image encoder.
 pub const PREFIX: &str = "model.embed_tokens_extend.image_embed";
 
-/// Crops sent through the tower at once (bounds the attention score memory).
-const CROPS_PER_BATCH: usize = 4;
+/// Rows of the assembled sequence projected per piece of an [`ImageJob`].
+const PROJECT_ROWS: usize = 256;
 
 /// One pre-LN SigLIP encoder layer (`q_proj`, `k_proj`, `v_proj` stacked into one product).
 #[derive(Debug, Clone)]
@@ -51,8 +51,9 @@ impl EncoderLayer {
         })
     }
 
-    /// `x` `[b, p, h]`; `terms.keys` `[b·p]` additive key mask (0 or −∞) or none.
-    fn forward(&self, x: &Tensor, terms: &ScoreTerms) -> Result<Tensor> {
+    /// The attention half with its residual: `x` `[b, p, h]`; `terms.keys` `[b·p]` additive
+    /// key mask (0 or −∞) or none.
+    fn attention(&self, x: &Tensor, terms: &ScoreTerms) -> Result<Tensor> {
         let (b, p, h) = x.dims3()?;
         let d = h / self.heads;
         let scale = 1.0 / (d as f64).sqrt();
@@ -62,10 +63,20 @@ impl EncoderLayer {
         } else {
             self.attention_portable(&qkv, b, p, terms.keys.as_deref())?
         };
-        let x = (x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?;
-        let flat = self.layer_norm2.forward(&x)?.reshape((b * p, h))?;
-        let m = self.fc2.forward(&kernels::elementwise::gelu_tanh(&self.fc1.forward(&flat)?)?)?; // tanh GELU
-        Ok((x + m.reshape((b, p, h))?)?)
+        Ok((x + self.out_proj.forward(&attn)?.reshape((b, p, h))?)?)
+    }
+
+    /// The MLP's first product and GELU: `x` `[b, p, h]` → `[b·p, intermediate]`.
+    fn mlp_up(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, p, h) = x.dims3()?;
+        let flat = self.layer_norm2.forward(x)?.reshape((b * p, h))?;
+        kernels::elementwise::gelu_tanh(&self.fc1.forward(&flat)?) // tanh GELU
+    }
+
+    /// The MLP's second product with the residual.
+    fn mlp_down(&self, x: &Tensor, mid: &Tensor) -> Result<Tensor> {
+        let (b, p, h) = x.dims3()?;
+        Ok((x + self.fc2.forward(mid)?.reshape((b, p, h))?)?)
     }
 
     /// The attention through the backend's matmul and softmax: `qkv` `[b·p, 3h]` → `[b·p, h]`.
@@ -168,52 +179,39 @@ impl VisionEncoder {
 
     /// Tower output at the feature layer for every crop of `img`: `[1 + crops, 1024, hidden]`.
     pub fn tower(&self, img: &PreparedImage) -> Result<Tensor> {
-        let n = 1 + img.crops();
-        let pixels = img.pixel_values();
-        let masks = img.crop_masks();
-        let mut outs = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let b = CROPS_PER_BATCH.min(n - start);
-            let px = &pixels[start * 3 * CROP * CROP..(start + b) * 3 * CROP * CROP];
-            let mk = &masks[start * GRID * GRID..(start + b) * GRID * GRID];
-            outs.push(self.tower_batch(px, mk, b)?);
-            start += b;
+        let mut job = self.start(img);
+        while job.towers.len() < job.crops {
+            self.advance(img, &mut job)?;
         }
-        Ok(Tensor::cat(&outs, 0)?)
+        Ok(Tensor::cat(&job.towers, 0)?)
     }
 
-    /// `b` crops of normalised pixels `[b, 3, 448, 448]` with masks `[b, 32, 32]`.
-    fn tower_batch(&self, pixels: &[f32], masks: &[u8], b: usize) -> Result<Tensor> {
+    /// Crop `n` of `img` after the patch embedding (`[1, 1024, hidden]`) and its key mask.
+    fn embed_crop(&self, img: &PreparedImage, n: usize) -> Result<(Tensor, ScoreTerms)> {
         let p = GRID * GRID;
         let k = 3 * PATCH * PATCH;
+        let pixels = &img.pixel_values()[n * 3 * CROP * CROP..(n + 1) * 3 * CROP * CROP];
+        let masks = &img.crop_masks()[n * p..(n + 1) * p];
         // Unfold patches, channel-major inside a patch (the conv weight's layout).
-        let mut patches = vec![0f32; b * p * k];
-        for n in 0..b {
-            for r in 0..GRID {
-                for col in 0..GRID {
-                    let dst = &mut patches[((n * p) + r * GRID + col) * k..][..k];
-                    for ch in 0..3 {
-                        for ky in 0..PATCH {
-                            let src = n * 3 * CROP * CROP + ch * CROP * CROP + (r * PATCH + ky) * CROP + col * PATCH;
-                            dst[ch * PATCH * PATCH + ky * PATCH..][..PATCH].copy_from_slice(&pixels[src..src + PATCH]);
-                        }
+        let mut patches = vec![0f32; p * k];
+        for r in 0..GRID {
+            for col in 0..GRID {
+                let dst = &mut patches[(r * GRID + col) * k..][..k];
+                for ch in 0..3 {
+                    for ky in 0..PATCH {
+                        let src = ch * CROP * CROP + (r * PATCH + ky) * CROP + col * PATCH;
+                        dst[ch * PATCH * PATCH + ky * PATCH..][..PATCH].copy_from_slice(&pixels[src..src + PATCH]);
                     }
                 }
             }
         }
-        let patches = Tensor::from_vec(patches, (b * p, k), &self.device)?.to_dtype(self.act)?;
+        let patches = Tensor::from_vec(patches, (p, k), &self.device)?.to_dtype(self.act)?;
         let x = kernels::linear_bias(&patches, &self.patch_w, &self.patch_b)?;
-        let (pos, any_pad) = position_ids(masks, b);
-        let pos = Tensor::from_vec(pos, b * p, &self.device)?;
-        let x = (x + self.pos_table.index_select(&pos, 0)?)?.reshape((b, p, self.hidden))?;
+        let (pos, any_pad) = position_ids(masks, 1);
+        let pos = Tensor::from_vec(pos, p, &self.device)?;
+        let x = (x + self.pos_table.index_select(&pos, 0)?)?.reshape((1, p, self.hidden))?;
         let keys = any_pad.then(|| masks.iter().map(|&v| if v == 1 { 0.0 } else { f32::NEG_INFINITY }).collect());
-        let terms = ScoreTerms { keys, relative: None };
-        let mut x = x;
-        for layer in &self.layers {
-            x = layer.forward(&x, &terms)?;
-        }
-        Ok(x)
+        Ok((x, ScoreTerms { keys, relative: None }))
     }
 
     /// The assembled `sub_glb` sequence before the projector: `[tokens, hidden]`.
@@ -249,8 +247,58 @@ impl VisionEncoder {
 
     /// The projected features of `img`: `[num_tokens, decoder hidden]`.
     pub fn encode(&self, img: &PreparedImage) -> Result<Tensor> {
-        let seq = self.assemble(img, &self.tower(img)?)?;
-        let out = self.img_projection.forward(&seq)?;
+        let mut job = self.start(img);
+        loop {
+            if let Some(f) = self.advance(img, &mut job)? {
+                return Ok(f);
+            }
+        }
+    }
+
+    /// Starts encoding `img`; run it with [`VisionEncoder::advance`].
+    pub fn start(&self, img: &PreparedImage) -> ImageJob {
+        ImageJob { crops: 1 + img.crops(), towers: Vec::new(), inflight: None, seq: None, projected: Vec::new() }
+    }
+
+    /// Runs the next piece of `job` (started on this `img`): a crop's patch embedding, a third
+    /// of a tower layer of that crop, the pooling and assembly, or the projection of the next
+    /// rows.
+    /// After the last piece returns the image's features `[num_tokens, decoder hidden]`.
+    pub fn advance(&self, img: &PreparedImage, job: &mut ImageJob) -> Result<Option<Tensor>> {
+        if job.towers.len() < job.crops {
+            let Some(mut c) = job.inflight.take() else {
+                let (x, terms) = self.embed_crop(img, job.towers.len())?;
+                job.inflight = Some(Crop { x, terms, mid: None, piece: 0 });
+                return Ok(None);
+            };
+            let layer = &self.layers[c.piece / 3];
+            match (c.piece % 3, c.mid.take()) {
+                (0, _) => c.x = layer.attention(&c.x, &c.terms)?,
+                (1, _) => c.mid = Some(layer.mlp_up(&c.x)?),
+                (_, Some(mid)) => c.x = layer.mlp_down(&c.x, &mid)?,
+                (_, None) => return Err(Error::Media("the tower's MLP ran out of order".into())),
+            }
+            c.piece += 1;
+            if c.piece < 3 * self.layers.len() {
+                job.inflight = Some(c);
+            } else {
+                job.towers.push(c.x);
+            }
+            return Ok(None);
+        }
+        let Some(seq) = &job.seq else {
+            job.seq = Some(self.assemble(img, &Tensor::cat(&job.towers, 0)?)?);
+            job.towers.clear();
+            job.crops = 0;
+            return Ok(None);
+        };
+        let done: usize = job.projected.iter().map(|t| t.dims()[0]).sum();
+        let n = PROJECT_ROWS.min(seq.dim(0)? - done);
+        job.projected.push(self.img_projection.forward(&seq.narrow(0, done, n)?)?);
+        if done + n < seq.dim(0)? {
+            return Ok(None);
+        }
+        let out = Tensor::cat(&job.projected, 0)?;
         if out.dim(0)? != img.num_tokens {
             return Err(Error::Media(format!(
                 "image features have {} rows but the prompt reserved {}",
@@ -258,7 +306,45 @@ impl VisionEncoder {
                 img.num_tokens
             )));
         }
-        Ok(out)
+        Ok(Some(out))
+    }
+}
+
+/// An image on its way through the encoder a piece at a time (see
+/// [`VisionEncoder::advance`]), so a scheduler can encode it between decode steps. Each crop
+/// goes through the tower on its own and the pieces compute exactly what
+/// [`VisionEncoder::encode`] computes: it runs a job to its end.
+#[derive(Debug)]
+pub struct ImageJob {
+    /// Crops of the image (0 once the tower is done).
+    crops: usize,
+    /// Tower outputs of the crops done.
+    towers: Vec<Tensor>,
+    /// The crop in flight.
+    inflight: Option<Crop>,
+    /// The assembled sequence, once the tower is done.
+    seq: Option<Tensor>,
+    /// Its projected rows so far.
+    projected: Vec<Tensor>,
+}
+
+/// A crop in the tower: its hidden state, its key mask, the MLP's inner activations between
+/// its two products, and the pieces it has been through (three per layer: attention, the
+/// MLP's first product, its second).
+#[derive(Debug)]
+struct Crop {
+    x: Tensor,
+    terms: ScoreTerms,
+    mid: Option<Tensor>,
+    piece: usize,
+}
+
+impl ImageJob {
+    /// Crops through the tower so far, of the crops of the image.
+    pub fn crops_done(&self, img: &PreparedImage) -> (usize, usize) {
+        let total = 1 + img.crops();
+        let done = if self.seq.is_some() { total } else { self.towers.len() };
+        (done, total)
     }
 }
 
