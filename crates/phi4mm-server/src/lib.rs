@@ -137,24 +137,35 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
     let loading = state.clone();
-    let loaded = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let engine = load().map_err(std::io::Error::other)?;
-        let o = opts(&engine);
-        loading.set_ready(Arc::new(engine), o)?;
-        tracing::info!("model loaded; serving");
-        Ok(())
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<std::io::Error>();
+    tokio::task::spawn_blocking(move || {
+        let ready = load().map_err(std::io::Error::other).and_then(|engine| {
+            let o = opts(&engine);
+            loading.set_ready(Arc::new(engine), o)
+        });
+        match ready {
+            Ok(()) => tracing::info!("model loaded; serving"),
+            Err(e) => {
+                let _ = failed_tx.send(e);
+            }
+        }
     });
-    let app = router(state);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
-    tokio::select! {
-        r = server => r,
-        r = loaded => match r {
-            Ok(Ok(())) => std::future::pending().await,
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(std::io::Error::other(e)),
-        },
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let seen = failure.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            Ok(e) = failed_rx => {
+                if let Ok(mut f) = seen.lock() {
+                    *f = Some(e);
+                }
+            }
+        }
+    };
+    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await?;
+    match failure.lock().ok().and_then(|mut f| f.take()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -5,8 +5,8 @@
 //! A step is one decode step for every sequence that is generating — all modes together:
 //! each weight read once for the batch, each LoRA adapter once for the rows of its mode
 //! ([`Decoder::decode_batch`](crate::decoder::Decoder::decode_batch)) — followed by pieces of
-//! preparation work for the oldest sequences still preparing, for about as long as the decode
-//! step took. A piece is small and fixed by the input alone: half a tower layer of one image
+//! preparation work for the oldest sequences still preparing, for a share of the time the
+//! decode step took ([`SchedulerOptions::prepare_share`]). A piece is small and fixed by the input alone: half a tower layer of one image
 //! crop, one Conformer block of one audio window (or a subsampling chunk, or a projection),
 //! half a decoder block of a prompt chunk of at most `prefill_chunk` rows. So a 1280×720
 //! image, a 30-minute recording or a long prompt arriving delays the running streams by
@@ -45,6 +45,9 @@ const CACHE_STEP: usize = 512;
 /// uses this one value.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
+/// Preparation time per step as a share of the decode step's ([`SchedulerOptions::prepare_share`]).
+pub const DEFAULT_PREPARE_SHARE: f64 = 0.8;
+
 /// How long a step prepares when no sequence is decoding (then nobody waits on a token; the
 /// step returns so new requests and cancellations are seen).
 const IDLE_PREPARE: Duration = Duration::from_millis(500);
@@ -67,8 +70,12 @@ pub struct SchedulerOptions {
     /// Bytes of encoded media features kept for later requests with the same image or audio
     /// (0: none).
     pub media_cache_bytes: usize,
-    /// Preparation pieces per step: `None` runs them for about as long as the step's decode
-    /// took ([`IDLE_PREPARE`] when nothing decodes); `Some(n)` runs exactly up to `n` (for
+    /// Preparation time per step as a share of that step's decode time (0.8 by default: the
+    /// running streams' inter-token latency stays near 1.8× the decode step while requests
+    /// are admitted; more brings new requests their first token sooner). At least one piece
+    /// runs per step; [`IDLE_PREPARE`] when nothing decodes.
+    pub prepare_share: f64,
+    /// Preparation pieces per step instead of a time: `Some(n)` runs exactly up to `n` (for
     /// reproducible interleaving in tests). Either way the numbers are the same.
     pub pieces_per_step: Option<usize>,
 }
@@ -87,6 +94,7 @@ impl SchedulerOptions {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             prefix_cache: true,
             media_cache_bytes: 512 << 20,
+            prepare_share: DEFAULT_PREPARE_SHARE,
             pieces_per_step: None,
         }
     }
@@ -100,6 +108,7 @@ impl SchedulerOptions {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             prefix_cache: false,
             media_cache_bytes: 0,
+            prepare_share: DEFAULT_PREPARE_SHARE,
             pieces_per_step: None,
         }
     }
@@ -282,7 +291,7 @@ impl<'e> Scheduler<'e> {
     }
 
     /// One scheduling step: cancellations, admissions, one decode step for every generating
-    /// sequence, then preparation work for about as long. Returns the events, in order.
+    /// sequence, then preparation work for a share of that time. Returns the events, in order.
     pub fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         self.drop_cancelled(&mut events);
@@ -290,7 +299,7 @@ impl<'e> Scheduler<'e> {
         let t = Instant::now();
         let decoding = self.running.iter().any(|s| s.phase == Phase::Decode);
         self.decode(&mut events);
-        let budget = if decoding { t.elapsed() } else { IDLE_PREPARE };
+        let budget = if decoding { t.elapsed().mul_f64(self.opts.prepare_share.max(0.0)) } else { IDLE_PREPARE };
         self.prepare(budget, &mut events);
         events
     }
