@@ -202,19 +202,12 @@ async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
 struct TokenizeRequest {
     prompt: Option<String>,
     messages: Option<Vec<wire::ChatMessage>>,
-    #[serde(default = "yes")]
-    add_special_tokens: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// vLLM's `/tokenize`: a prompt string, or chat messages rendered with the template.
 async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<serde_json::Value>> {
     let ready = state.ready()?;
     let req: TokenizeRequest = chat::parse(body)?;
-    let _ = req.add_special_tokens;
     let tok = ready.engine.tokenizer();
     let text = match (&req.prompt, &req.messages) {
         (Some(p), None) => p.clone(),

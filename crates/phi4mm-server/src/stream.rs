@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::chat::{usage, Api, Submitted};
 use crate::error::ApiError;
+use crate::worker::Ticket;
 use crate::Ready;
 
 /// What the stream has sent for one choice.
@@ -30,6 +31,78 @@ struct ChoiceState {
     ended: bool,
 }
 
+/// Turns each choice's events into chunks.
+struct Chunker {
+    ready: Ready,
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    prompt_tokens: usize,
+    include_usage: bool,
+    states: Vec<ChoiceState>,
+    tickets: Vec<Option<Ticket>>,
+}
+
+impl Chunker {
+    fn chunk(&self, choices: Value, usage_v: Value) -> Sse {
+        let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let body = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices, "usage": usage_v});
+        Sse::default().data(body.to_string())
+    }
+
+    /// The first chunks: the role of every chat choice, or the echoed prompt.
+    fn head(&self, echo: Option<&str>) -> Vec<Sse> {
+        let n = self.states.len();
+        match (self.api, echo) {
+            (Api::Chat, _) => (0..n).map(|i| self.chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), Value::Null)).collect(),
+            (Api::Completions, Some(e)) => (0..n).map(|i| self.chunk(json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}]), Value::Null)).collect(),
+            (Api::Completions, None) => Vec::new(),
+        }
+    }
+
+    /// The chunks for event `e` of choice `i` (after the last choice's end: usage and `[DONE]`).
+    fn on(&mut self, i: usize, e: Event) -> Vec<Sse> {
+        let mut out = Vec::new();
+        match e {
+            Event::Token { token, text, .. } => {
+                self.states[i].tokens += 1;
+                if !text.is_empty() || self.logprobs {
+                    self.states[i].text_len += text.len();
+                    let lp = self.logprobs.then(|| logprobs(&self.ready, self.api, std::slice::from_ref(&token)));
+                    out.push(self.chunk(json!([piece(self.api, i, &text, lp, None)]), Value::Null));
+                }
+            }
+            Event::Done { completion: c, .. } | Event::Cancelled { completion: Some(c), .. } => {
+                // Text held back until the end (the start of a stop string that never came).
+                let tail = c.text.get(self.states[i].text_len..).unwrap_or("").to_string();
+                let finish = if c.finish_reason == FinishReason::Stop { "stop" } else { "length" };
+                out.push(self.chunk(json!([piece(self.api, i, &tail, None, Some(finish))]), Value::Null));
+                self.states[i] = ChoiceState { text_len: c.text.len(), tokens: c.tokens.len(), cached: c.cached_tokens, ended: true };
+                if let Some(mut t) = self.tickets[i].take() {
+                    t.finish();
+                }
+            }
+            Event::Failed { error, .. } => {
+                self.states[i].ended = true;
+                out.push(Sse::default().data(ApiError::from(error).body().to_string()));
+            }
+            Event::Cancelled { completion: None, .. } => self.states[i].ended = true,
+            Event::Progress { .. } => {}
+        }
+        if self.states.iter().all(|s| s.ended) && !out.is_empty() {
+            if self.include_usage {
+                let completion: usize = self.states.iter().map(|s| s.tokens).sum();
+                let cached = self.states.iter().map(|s| s.cached).min().unwrap_or(0);
+                out.push(self.chunk(json!([]), usage(self.prompt_tokens, completion, cached)));
+            }
+            out.push(Sse::default().data("[DONE]"));
+        }
+        out
+    }
+}
+
 pub fn sse(ready: Ready, sub: Submitted, include_usage: bool) -> Response {
     let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, choices } = sub;
     let n = choices.len();
@@ -37,62 +110,21 @@ pub fn sse(ready: Ready, sub: Submitted, include_usage: bool) -> Response {
     let tagged = receivers.into_iter().enumerate().map(|(i, rx)| {
         stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|e| ((i, e), rx)) }).boxed()
     });
-    let merged = stream::select_all(tagged);
-    let chunk = move |choices: Value, usage_v: Value| -> Sse {
-        let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let body = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices, "usage": usage_v});
-        Sse::default().data(body.to_string())
+    let mut chunker = Chunker {
+        ready,
+        api,
+        id,
+        created,
+        model,
+        logprobs,
+        prompt_tokens,
+        include_usage,
+        states: (0..n).map(|_| ChoiceState::default()).collect(),
+        tickets: tickets.into_iter().map(Some).collect(),
     };
-    let mut states: Vec<ChoiceState> = (0..n).map(|_| ChoiceState::default()).collect();
-    let mut tickets: Vec<_> = tickets.into_iter().map(Some).collect();
-    let head: Vec<Sse> = match api {
-        Api::Chat => (0..n).map(|i| chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), Value::Null)).collect(),
-        Api::Completions => echo.iter().flat_map(|e| (0..n).map(move |i| (i, e.clone()))).map(|(i, e)| chunk(json!([{"index": i, "text": e, "logprobs": null, "finish_reason": null}]), Value::Null)).collect(),
-    };
-    let body = merged
-        .map(move |(i, e)| {
-            let mut out = Vec::new();
-            match e {
-                Event::Token { token, text, .. } => {
-                    states[i].tokens += 1;
-                    if !text.is_empty() || logprobs {
-                        states[i].text_len += text.len();
-                        let lp = logprobs.then(|| logprobs_json(&ready, api, std::slice::from_ref(&token)));
-                        out.push(chunk(json!([piece(api, i, &text, lp, None)]), Value::Null));
-                    }
-                }
-                Event::Done { completion: c, .. } | Event::Cancelled { completion: Some(c), .. } => {
-                    // Text held back at the end (a partial stop string that never completed).
-                    let tail = c.text.get(states[i].text_len..).unwrap_or("").to_string();
-                    let finish = if c.finish_reason == FinishReason::Stop { "stop" } else { "length" };
-                    out.push(chunk(json!([piece(api, i, &tail, None, Some(finish))]), Value::Null));
-                    states[i].cached = c.cached_tokens;
-                    states[i].tokens = c.tokens.len();
-                    states[i].ended = true;
-                    if let Some(mut t) = tickets[i].take() {
-                        t.finish();
-                    }
-                }
-                Event::Failed { error, .. } => {
-                    states[i].ended = true;
-                    out.push(Sse::default().data(ApiError::from(error).body().to_string()));
-                }
-                Event::Cancelled { completion: None, .. } => states[i].ended = true,
-                Event::Progress { .. } => {}
-            }
-            if states.iter().all(|s| s.ended) && !out.is_empty() {
-                if include_usage {
-                    let completion: usize = states.iter().map(|s| s.tokens).sum();
-                    let cached = states.iter().map(|s| s.cached).min().unwrap_or(0);
-                    out.push(chunk(json!([]), usage(prompt_tokens, completion, cached)));
-                }
-                out.push(Sse::default().data("[DONE]"));
-            }
-            stream::iter(out.into_iter().map(Ok::<Sse, Infallible>))
-        })
-        .flatten();
-    let all = stream::iter(head.into_iter().map(Ok::<Sse, Infallible>)).chain(body);
-    sse_response(all)
+    let head = chunker.head(echo.as_deref());
+    let body = stream::select_all(tagged).map(move |(i, e)| stream::iter(chunker.on(i, e).into_iter().map(Ok::<Sse, Infallible>))).flatten();
+    sse_response(stream::iter(head.into_iter().map(Ok::<Sse, Infallible>)).chain(body))
 }
 
 fn sse_response(s: impl Stream<Item = Result<Sse, Infallible>> + Send + 'static) -> Response {
@@ -113,10 +145,6 @@ fn piece(api: Api, index: usize, text: &str, logprobs: Option<Value>, finish: Op
 /// OpenAI's logprobs object for `tokens`: chat's `{content: [{token, logprob, bytes,
 /// top_logprobs}]}` or the legacy `{tokens, token_logprobs, top_logprobs, text_offset}`.
 pub fn logprobs(ready: &Ready, api: Api, tokens: &[TokenInfo]) -> Value {
-    logprobs_json(ready, api, tokens)
-}
-
-fn logprobs_json(ready: &Ready, api: Api, tokens: &[TokenInfo]) -> Value {
     let tok = ready.engine.tokenizer();
     let bytes = |id: u32| tok.token_bytes(id).unwrap_or_default();
     let text = |id: u32| String::from_utf8_lossy(&bytes(id)).into_owned();

@@ -4,6 +4,8 @@
 //! the text, concurrent clients get their solo answers, a client that hangs up is cancelled,
 //! and a table of bad requests gets the right status and an OpenAI error body.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure is the report
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -2,6 +2,8 @@
 //! code}}` whose message names the problem; a full queue is 503 with `Retry-After`; a client
 //! that hangs up mid-stream is cancelled (its sequence leaves the scheduler) over a real socket.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure is the report
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +48,9 @@ async fn send(app: &axum::Router, path: &str, body: Body) -> (StatusCode, Value,
     (parts.status, serde_json::from_slice(&bytes).unwrap_or(json!({"raw": String::from_utf8_lossy(&bytes)})), parts.headers)
 }
 
+/// (case, path, body, status, a word the message must hold, the param if any)
+type Case = (&'static str, &'static str, Body, u16, &'static str, Option<&'static str>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_right_status_and_an_openai_error_body() {
     let engine = engine();
@@ -61,7 +66,7 @@ async fn bad_requests_get_the_right_status_and_an_openai_error_body() {
     let many_images = user(json!((0..9).map(|_| json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", b64(&png))}})).collect::<Vec<_>>()));
     // (case, path, body, status, a word the message must hold, the param if any)
     let chat = "/v1/chat/completions";
-    let cases: Vec<(&str, &str, Body, u16, &str, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         ("not JSON", chat, Body::from("{nope"), 400, "invalid request body", None),
         ("empty body", chat, Body::empty(), 400, "invalid request body", None),
         ("no messages field", chat, Body::from(json!({"model": "x"}).to_string()), 400, "messages", None),
@@ -138,16 +143,18 @@ async fn a_full_queue_is_503_with_retry_after() {
     let state = AppState::new(ServerConfig::default(), engine, opts).expect("started");
     let app = router(state.clone());
     let long = json!({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 100000, "ignore_eos": true, "temperature": 0});
-    let mut tasks = Vec::new();
-    for _ in 0..2 {
-        let (app, body) = (app.clone(), long.clone());
-        tasks.push(tokio::spawn(async move { send(&app, "/v1/chat/completions", Body::from(body.to_string())).await.0 }));
-    }
     let worker = state.ready().expect("ready").worker;
     let t = Instant::now();
-    while (worker.load().running, worker.load().waiting) != (1, 1) {
-        assert!(t.elapsed() < Duration::from_secs(10), "one runs, one waits: {:?}", worker.load());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut tasks = Vec::new();
+    // The first is admitted before the second is sent (two sent at once could both find the
+    // queue empty-but-one, and the second would be refused).
+    for want in [(1, 0), (1, 1)] {
+        let (app, body) = (app.clone(), long.clone());
+        tasks.push(tokio::spawn(async move { send(&app, "/v1/chat/completions", Body::from(body.to_string())).await.0 }));
+        while (worker.load().running, worker.load().waiting) != want {
+            assert!(t.elapsed() < Duration::from_secs(10), "want {want:?}: {:?}", worker.load());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     let (s, v, h) = send(&app, "/v1/chat/completions", Body::from(long.to_string())).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");

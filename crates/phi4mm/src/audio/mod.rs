@@ -300,6 +300,7 @@ impl AudioEncoder {
             windows_per: if tp > WINDOW { tp.div_ceil(WINDOW) } else { 1 },
             masked: audios.len() > 1,
             audios: audios.len(),
+            blocks: self.blocks.len(),
             feats: Vec::new(),
             window: 0,
             sub: Vec::new(),
@@ -413,6 +414,7 @@ pub struct AudioJob {
     windows_per: usize,
     masked: bool,
     audios: usize,
+    blocks: usize,
     /// The normalised features of the audio in flight (empty between audios).
     feats: Vec<f32>,
     /// The window in flight (of that audio), its subsampled chunks so far, and then its
@@ -426,6 +428,15 @@ pub struct AudioJob {
 }
 
 impl AudioJob {
+    /// What the next piece is: 0 a subsampling chunk, 1 a Conformer block, 2 a projection.
+    pub fn next_piece(&self) -> usize {
+        match &self.inflight {
+            None => 0,
+            Some((_, _, b)) if *b < self.blocks => 1,
+            Some(_) => 2,
+        }
+    }
+
     /// (windows done, windows in all), over all audios.
     pub fn windows(&self) -> (usize, usize) {
         (self.outs.len() * self.windows_per + self.window, self.audios * self.windows_per)

@@ -52,6 +52,11 @@ impl Prefill {
         self.len() == 0
     }
 
+    /// What the next piece is: 0 a block's attention, 1 its gate/up product, 2 its down product.
+    pub fn next_piece(&self) -> usize {
+        self.pass.as_ref().map_or(0, |p| p.piece % PIECES_PER_BLOCK)
+    }
+
     /// (pieces done, pieces in all).
     pub fn progress(&self, dec: &Decoder) -> (usize, usize) {
         let total = if self.single { 1 } else { self.len().div_ceil(self.rows) * PIECES_PER_BLOCK * dec.layers.len() };

@@ -22,7 +22,7 @@
 mod prefix;
 mod seq;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::decoder::DecodeRow;
@@ -204,12 +204,14 @@ pub struct Scheduler<'e> {
     cancelled: Vec<RequestId>,
     next_id: RequestId,
     cache: PrefixCache,
+    /// How long a preparation piece of each kind took lately ([`Seq::piece_kind`]).
+    piece_secs: HashMap<usize, Duration>,
 }
 
 impl<'e> Scheduler<'e> {
     pub fn new(engine: &'e Engine, opts: SchedulerOptions) -> Self {
         let cache = PrefixCache::new(opts.prefill_chunk, opts.prefix_cache, opts.media_cache_bytes);
-        Scheduler { engine, opts, waiting: VecDeque::new(), running: Vec::new(), cancelled: Vec::new(), next_id: 1, cache }
+        Scheduler { engine, opts, waiting: VecDeque::new(), running: Vec::new(), cancelled: Vec::new(), next_id: 1, cache, piece_secs: HashMap::new() }
     }
 
     /// What the prefix and media caches hold and did.
@@ -406,25 +408,29 @@ impl<'e> Scheduler<'e> {
     }
 
     /// Preparation pieces for the oldest sequences that are encoding or prefilling: while the
-    /// next piece (guessed to take as long as the last) still fits in `budget` — at least one —
-    /// or exactly [`SchedulerOptions::pieces_per_step`].
+    /// next piece (guessed from the last pieces of its kind) still fits in `budget` — at least
+    /// one — or exactly [`SchedulerOptions::pieces_per_step`].
     fn prepare(&mut self, budget: Duration, events: &mut Vec<Event>) {
         let start = Instant::now();
         let mut pieces = 0;
         while let Some(i) = self.running.iter().position(|s| s.phase != Phase::Decode) {
+            let (id, phase, kind) = (self.running[i].id, self.running[i].phase, self.running[i].piece_kind());
+            let guess = self.piece_secs.get(&kind).copied().unwrap_or_default();
+            let fits = match self.opts.pieces_per_step {
+                Some(n) => pieces < n,
+                None => pieces == 0 || start.elapsed() + guess <= budget,
+            };
+            if !fits {
+                break;
+            }
             let t = Instant::now();
-            let (id, phase) = (self.running[i].id, self.running[i].phase);
             self.prepare_piece(i, events);
             pieces += 1;
-            if t.elapsed() > Duration::from_millis(300) {
-                tracing::debug!(id, ?phase, secs = t.elapsed().as_secs_f64(), "slow preparation piece");
-            }
-            let done = match self.opts.pieces_per_step {
-                Some(n) => pieces >= n,
-                None => start.elapsed() + t.elapsed() > budget,
-            };
-            if done {
-                break;
+            let took = t.elapsed();
+            // A running estimate per kind (the last piece counts one half).
+            self.piece_secs.insert(kind, if guess.is_zero() { took } else { (guess + took) / 2 });
+            if took > Duration::from_millis(100) {
+                tracing::debug!(id, ?phase, kind, secs = took.as_secs_f64(), "slow preparation piece");
             }
         }
     }

@@ -130,6 +130,18 @@ impl<'e> Seq<'e> {
         Ok(())
     }
 
+    /// What kind of piece this sequence runs next (pieces of a kind take about the same time;
+    /// the scheduler learns how long): the media stage or prefill, the job's piece, the adapter.
+    pub fn piece_kind(&self) -> usize {
+        let p = &self.prepared;
+        let adapter = self.adapter().map_or(0, |a| 1 + a as usize);
+        match self.phase {
+            Phase::Encode if !p.audios.is_empty() && self.audio.is_none() => self.audio_job.as_ref().map_or(0, |j| j.next_piece()),
+            Phase::Encode => 3 + self.image_job.as_ref().map_or(0, |j| j.next_piece()),
+            _ => 8 + 3 * adapter + self.chunk.as_ref().map_or(0, |j| j.next_piece()),
+        }
+    }
+
     pub fn adapter(&self) -> Option<Adapter> {
         self.prepared.mode.adapter()
     }
@@ -143,63 +155,18 @@ impl<'e> Seq<'e> {
     /// reference batches them), then each image; media found in the media cache are taken
     /// on the way without a piece. When all are there, merges them into the embeddings.
     pub fn encode_piece(&mut self, engine: &Engine, pc: &mut PrefixCache, events: &mut Vec<Event>) -> Result<()> {
-        let (id, p) = (self.id, &self.prepared);
         loop {
-            if !p.audios.is_empty() && self.audio.is_none() {
-                let key = self.media_keys.as_ref().and_then(|m| m.audio);
-                if self.audio_job.is_none() {
-                    if let Some(feats) = pc.media_get(key) {
-                        self.audio = Some(feats);
-                        events.push(Event::Progress { id, stage: Stage::Audio, done: 1, total: 1 });
-                        continue;
-                    }
-                }
-                let job = match &mut self.audio_job {
-                    Some(j) => j,
-                    None => self.audio_job.insert(engine.start_audios(p)?),
-                };
-                let before = job.windows().0;
-                let out = engine.advance_audios(p, job)?;
-                let (done, total) = job.windows();
-                if done > before {
-                    events.push(Event::Progress { id, stage: Stage::Audio, done, total });
-                }
-                if let Some(feats) = out {
-                    pc.media_keep(key, &feats);
-                    self.audio = Some(feats);
-                    self.audio_job = None;
-                }
+            let p = &self.prepared;
+            let ran = if !p.audios.is_empty() && self.audio.is_none() {
+                self.audio_piece(engine, pc, events)?
             } else if self.images.len() < p.images.len() {
-                let i = self.images.len();
-                let key = self.media_keys.as_ref().and_then(|m| m.images.get(i)).map(|k| k.0);
-                let img = &p.images[i];
-                // Crops of the images before this one, and of all.
-                let before: usize = p.images[..i].iter().map(|m| 1 + m.crops()).sum();
-                let total: usize = p.images.iter().map(|m| 1 + m.crops()).sum();
-                if self.image_job.is_none() {
-                    if let Some(feats) = pc.media_get(key) {
-                        self.images.push(feats);
-                        events.push(Event::Progress { id, stage: Stage::Images, done: before + 1 + img.crops(), total });
-                        continue;
-                    }
-                }
-                let job = match &mut self.image_job {
-                    Some(j) => j,
-                    None => self.image_job.insert(engine.start_image(img)?),
-                };
-                let was = job.crops_done(img).0;
-                let out = engine.advance_image(img, job)?;
-                let now = job.crops_done(img).0;
-                if now > was {
-                    events.push(Event::Progress { id, stage: Stage::Images, done: before + now, total });
-                }
-                if let Some(feats) = out {
-                    pc.media_keep(key, &feats);
-                    self.images.push(feats);
-                    self.image_job = None;
-                }
+                self.image_piece(engine, pc, events)?
+            } else {
+                true
+            };
+            if ran {
+                break;
             }
-            break;
         }
         let p = &self.prepared;
         if (p.audios.is_empty() || self.audio.is_some()) && self.images.len() == p.images.len() {
@@ -209,6 +176,69 @@ impl<'e> Seq<'e> {
             self.phase = Phase::Prefill;
         }
         Ok(())
+    }
+
+    /// A piece of the audios' encoding; false when they came from the media cache instead.
+    fn audio_piece(&mut self, engine: &Engine, pc: &mut PrefixCache, events: &mut Vec<Event>) -> Result<bool> {
+        let (id, p) = (self.id, &self.prepared);
+        let key = self.media_keys.as_ref().and_then(|m| m.audio);
+        if self.audio_job.is_none() {
+            if let Some(feats) = pc.media_get(key) {
+                self.audio = Some(feats);
+                events.push(Event::Progress { id, stage: Stage::Audio, done: 1, total: 1 });
+                return Ok(false);
+            }
+        }
+        let job = match &mut self.audio_job {
+            Some(j) => j,
+            None => self.audio_job.insert(engine.start_audios(p)?),
+        };
+        let before = job.windows().0;
+        let out = engine.advance_audios(p, job)?;
+        let (done, total) = job.windows();
+        if done > before {
+            events.push(Event::Progress { id, stage: Stage::Audio, done, total });
+        }
+        if let Some(feats) = out {
+            pc.media_keep(key, &feats);
+            self.audio = Some(feats);
+            self.audio_job = None;
+        }
+        Ok(true)
+    }
+
+    /// A piece of the next image's encoding; false when it came from the media cache instead.
+    fn image_piece(&mut self, engine: &Engine, pc: &mut PrefixCache, events: &mut Vec<Event>) -> Result<bool> {
+        let (id, p) = (self.id, &self.prepared);
+        let i = self.images.len();
+        let key = self.media_keys.as_ref().and_then(|m| m.images.get(i)).map(|k| k.0);
+        let img = &p.images[i];
+        // Crops of the images before this one, and of all.
+        let before: usize = p.images[..i].iter().map(|m| 1 + m.crops()).sum();
+        let total: usize = p.images.iter().map(|m| 1 + m.crops()).sum();
+        if self.image_job.is_none() {
+            if let Some(feats) = pc.media_get(key) {
+                self.images.push(feats);
+                events.push(Event::Progress { id, stage: Stage::Images, done: before + 1 + img.crops(), total });
+                return Ok(false);
+            }
+        }
+        let job = match &mut self.image_job {
+            Some(j) => j,
+            None => self.image_job.insert(engine.start_image(img)?),
+        };
+        let was = job.crops_done(img).0;
+        let out = engine.advance_image(img, job)?;
+        let now = job.crops_done(img).0;
+        if now > was {
+            events.push(Event::Progress { id, stage: Stage::Images, done: before + now, total });
+        }
+        if let Some(feats) = out {
+            pc.media_keep(key, &feats);
+            self.images.push(feats);
+            self.image_job = None;
+        }
+        Ok(true)
     }
 
     /// Runs the next piece of the prefill of up to `budget` rows (half a block; a chunk is

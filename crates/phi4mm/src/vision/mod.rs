@@ -340,6 +340,16 @@ struct Crop {
 }
 
 impl ImageJob {
+    /// What the next piece is: 0 a crop's embedding, 1–3 a layer's attention, MLP up, MLP
+    /// down, 4 the assembly or a projection.
+    pub fn next_piece(&self) -> usize {
+        match &self.inflight {
+            Some(c) => 1 + c.piece % 3,
+            None if self.towers.len() < self.crops => 0,
+            None => 4,
+        }
+    }
+
     /// Crops through the tower so far, of the crops of the image.
     pub fn crops_done(&self, img: &PreparedImage) -> (usize, usize) {
         let total = 1 + img.crops();
