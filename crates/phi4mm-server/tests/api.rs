@@ -6,33 +6,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure is the report
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use base64::Engine as _;
 use http_body_util::BodyExt;
-use phi4mm::{DType, Engine, GenerateRequest, LoadOptions, MediaInput, Message, PromptInput, SchedulerOptions};
+use phi4mm::{Engine, GenerateRequest, MediaInput, Message, PromptInput};
 use phi4mm_server::{router, AppState, ServerConfig};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn engine() -> Arc<Engine> {
-    let opts = LoadOptions { dtype: DType::F32, ..Default::default() };
-    Arc::new(Engine::load(&fixtures().join("tiny"), opts).expect("the tiny checkpoint loads"))
-}
-
-fn sched() -> SchedulerOptions {
-    SchedulerOptions { max_batch: 8, max_queue: 16, kv_budget: 1 << 20, ..SchedulerOptions::single() }
-}
+mod common;
+use common::{engine, fixtures};
 
 fn state(engine: &Arc<Engine>, config: ServerConfig) -> AppState {
-    AppState::new(config, engine.clone(), sched()).expect("the scheduler thread starts")
+    AppState::new(config, engine.clone(), common::sched(8, 16)).expect("the scheduler thread starts")
 }
 
 async fn call(app: &axum::Router, method: &str, path: &str, body: Option<Value>, key: Option<&str>) -> (StatusCode, Vec<u8>, axum::http::HeaderMap) {
@@ -201,7 +190,7 @@ async fn models_health_tokenize_and_completions() {
     let (s, b, _) = call(&router(loading.clone()), "GET", "/health", None, None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(serde_json::from_slice::<Value>(&b).expect("an error body")["error"]["message"].as_str().unwrap_or("").contains("loading"));
-    loading.set_ready(engine.clone(), sched()).expect("ready");
+    loading.set_ready(engine.clone(), common::sched(8, 16)).expect("ready");
     let app = router(loading);
     let (s, b, _) = call(&app, "GET", "/health", None, None).await;
     assert_eq!((s, serde_json::from_slice::<Value>(&b).ok()), (StatusCode::OK, Some(json!({"status": "ok"}))));

@@ -4,28 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure is the report
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use base64::Engine as _;
 use http_body_util::BodyExt;
-use phi4mm::{DType, Engine, LoadOptions, SchedulerOptions};
 use phi4mm_server::{router, AppState, ServerConfig};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn engine() -> Arc<Engine> {
-    let opts = LoadOptions { dtype: DType::F32, ..Default::default() };
-    Arc::new(Engine::load(&fixtures().join("tiny"), opts).expect("the tiny checkpoint loads"))
-}
+mod common;
+use common::{engine, fixtures};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -55,7 +46,7 @@ type Case = (&'static str, &'static str, Body, u16, &'static str, Option<&'stati
 async fn bad_requests_get_the_right_status_and_an_openai_error_body() {
     let engine = engine();
     let config = ServerConfig { max_body_bytes: 1 << 20, ..ServerConfig::default() };
-    let opts = SchedulerOptions { max_batch: 4, max_queue: 8, kv_budget: 1 << 20, ..SchedulerOptions::single() };
+    let opts = common::sched(4, 8);
     let app = router(AppState::new(config, engine, opts).expect("started"));
     let ok = user(json!("Hi"));
     let img = |url: String| user(json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]));
@@ -139,7 +130,7 @@ async fn bad_requests_get_the_right_status_and_an_openai_error_body() {
 async fn a_full_queue_is_503_with_retry_after() {
     let engine = engine();
     // One sequence at a time and one waiting: a third concurrent request is refused.
-    let opts = SchedulerOptions { max_batch: 1, max_queue: 1, kv_budget: 1 << 20, ..SchedulerOptions::single() };
+    let opts = common::sched(1, 1);
     let state = AppState::new(ServerConfig::default(), engine, opts).expect("started");
     let app = router(state.clone());
     let long = json!({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 100000, "ignore_eos": true, "temperature": 0});
@@ -172,7 +163,7 @@ async fn a_full_queue_is_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_is_cancelled_and_others_go_on() {
     let engine = engine();
-    let opts = SchedulerOptions { max_batch: 4, max_queue: 8, kv_budget: 1 << 20, ..SchedulerOptions::single() };
+    let opts = common::sched(4, 8);
     let state = AppState::new(ServerConfig::default(), engine, opts).expect("started");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
     let addr = listener.local_addr().expect("an address");
