@@ -219,8 +219,8 @@ fn base64_bytes(data: &str, at: &str) -> ApiResult<Vec<u8>> {
 }
 
 impl GenParams {
-    /// The library request for `prompt`, with every setting checked; `context_room` is how
-    /// many positions the context leaves after the prompt (known later; the engine checks it).
+    /// The library request for `prompt`, with every setting checked (prompt + `max_tokens`
+    /// against the context is checked once the prompt is tokenized).
     pub fn to_request(&self, prompt: PromptInput, limits: &Limits) -> ApiResult<GenerateRequest> {
         let mut r = GenerateRequest::new(prompt);
         let max = self.max_completion_tokens.or(self.max_tokens);

@@ -273,17 +273,23 @@ impl AudioEncoder {
     /// `progress` is told (windows done, windows total).
     pub fn encode(&self, audios: &[LogMel], progress: Option<&dyn Fn(usize, usize)>) -> Result<Vec<Tensor>> {
         let mut job = self.start(audios, None);
+        self.finish(audios, &mut job, progress)?;
+        Ok(std::mem::take(&mut job.outs))
+    }
+
+    /// Runs `job` (started on these `audios`) to its end: the outputs of all audios one after
+    /// the other. `progress` is told (windows done, windows total) after each window.
+    pub fn finish(&self, audios: &[LogMel], job: &mut AudioJob, progress: Option<&dyn Fn(usize, usize)>) -> Result<Tensor> {
         let mut told = 0;
         loop {
-            let out = self.advance(audios, &mut job)?;
-            if let (Some(p), (done, total)) = (progress, job.windows()) {
-                if done > told {
-                    told = done;
-                    p(done, total);
-                }
+            let out = self.advance(audios, job)?;
+            let (done, total) = job.windows();
+            if let Some(p) = progress.filter(|_| done > told) {
+                told = done;
+                p(done, total);
             }
-            if out.is_some() {
-                return Ok(std::mem::take(&mut job.outs));
+            if let Some(t) = out {
+                return Ok(t);
             }
         }
     }

@@ -392,19 +392,12 @@ impl Engine {
         if prepared.audios.is_empty() {
             return Ok(None);
         }
+        let both = |done: usize, total: usize| {
+            self.encode_progress.iter().for_each(|f| f(done, total));
+            progress.iter().for_each(|f| f(done, total));
+        };
         let mut job = self.start_audios(prepared)?;
-        let mut told = 0;
-        loop {
-            let out = self.advance_audios(prepared, &mut job)?;
-            let (done, total) = job.windows();
-            if done > told {
-                told = done;
-                progress.iter().for_each(|f| f(done, total));
-            }
-            if out.is_some() {
-                return Ok(out);
-            }
-        }
+        Ok(Some(self.audio_encoder()?.finish(&prepared.audios, &mut job, Some(&both))?))
     }
 
     /// Starts encoding every audio of the request (see [`Engine::encode_audios`]); run it with

@@ -6,9 +6,10 @@
 //! each weight read once for the batch, each LoRA adapter once for the rows of its mode
 //! ([`Decoder::decode_batch`](crate::decoder::Decoder::decode_batch)) — followed by pieces of
 //! preparation work for the oldest sequences still preparing, for a share of the time the
-//! decode step took ([`SchedulerOptions::prepare_share`]). A piece is small and fixed by the input alone: half a tower layer of one image
-//! crop, one Conformer block of one audio window (or a subsampling chunk, or a projection),
-//! half a decoder block of a prompt chunk of at most `prefill_chunk` rows. So a 1280×720
+//! decode step took ([`SchedulerOptions::prepare_share`]). A piece is small and fixed by the input alone: a third of a
+//! tower layer of one image crop, one Conformer block of one audio window (or a subsampling
+//! chunk, or a projection), a third of a decoder block of a prompt chunk of at most
+//! `prefill_chunk` rows. So a 1280×720
 //! image, a 30-minute recording or a long prompt arriving delays the running streams by
 //! about one decode step per token, not by its whole encoding. Since the pieces are the
 //! same whatever the timing, a sequence's numbers do not depend on the others in its step

@@ -1,5 +1,5 @@
 //! One request inside the scheduler: its media encoded a piece at a time, its prompt
-//! prefilled in chunks (each half a block at a time), then one token per decode step;
+//! prefilled in chunks (each a third of a block at a time), then one token per decode step;
 //! sampling, detokenizing and the stop rules are the same for every request.
 
 use std::time::Instant;
@@ -241,7 +241,7 @@ impl<'e> Seq<'e> {
         Ok(true)
     }
 
-    /// Runs the next piece of the prefill of up to `budget` rows (half a block; a chunk is
+    /// Runs the next piece of the prefill of up to `budget` rows (a third of a block; a chunk is
     /// started when none is in flight). A finished full block is kept in the prefix cache
     /// while `room` budget positions allow. After the last row samples the first (or, after a
     /// re-prefill, the next) token. True when that token ended the sequence.

@@ -51,7 +51,7 @@ impl EncoderLayer {
         })
     }
 
-    /// The attention half with its residual: `x` `[b, p, h]`; `terms.keys` `[b·p]` additive
+    /// The attention with its residual: `x` `[b, p, h]`; `terms.keys` `[b·p]` additive
     /// key mask (0 or −∞) or none.
     fn attention(&self, x: &Tensor, terms: &ScoreTerms) -> Result<Tensor> {
         let (b, p, h) = x.dims3()?;
