@@ -8,11 +8,14 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use phi4mm::engine::Prepared;
+use phi4mm::text::sampler::MaskHook;
 use phi4mm::{Completion, Event, GenerateRequest, Mode, PromptInput};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::error::{ApiError, ApiResult};
+use crate::structured::{self, Constraint};
+use crate::tools::{self, Tools};
 use crate::wire::{self, ChatRequest, CompletionRequest, GenParams, RawPrompt};
 use crate::worker::Ticket;
 use crate::{stream, AppState, Ready};
@@ -34,17 +37,34 @@ pub struct Submitted {
     pub prompt_tokens: usize,
     /// The prompt text, for `echo`.
     pub echo: Option<String>,
+    /// The answer may hold tool calls to parse.
+    pub tools: bool,
     pub choices: Vec<(Ticket, UnboundedReceiver<Event>)>,
 }
 
-pub async fn chat_completions(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+/// What a request asks beyond generating: tool calls to parse, a grammar, echo.
+#[derive(Default)]
+pub struct Extras {
+    pub tools: bool,
+    pub constraint: Option<Constraint>,
+    pub echo: bool,
+    pub logprobs: bool,
+}
+
+pub async fn chat_completions(
+    State(app): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match chat(app, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn completions(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(
+    State(app): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     match legacy(app, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -53,23 +73,41 @@ pub async fn completions(State(app): State<AppState>, body: Result<Bytes, BytesR
 
 /// The body as JSON of type `T`; a body over the limit is 413, malformed JSON or a wrong type 400.
 pub fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
-    let bytes = body.map_err(|r| ApiError::new(r.status(), "invalid_request_error", r.body_text()))?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    let bytes =
+        body.map_err(|r| ApiError::new(r.status(), "invalid_request_error", r.body_text()))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 async fn chat(app: AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let ready = app.ready()?;
     let req: ChatRequest = parse(body)?;
     let force = wire::model_mode(req.model.as_deref(), &app.config.served_model_name)?;
-    let (messages, images, audios) = wire::chat_prompt(&req.messages, &app.config.limits)?;
-    let logprobs = req.logprobs.unwrap_or(false);
-    let mut lib = req.gen.to_request(PromptInput::Chat(messages), &app.config.limits)?;
-    if !logprobs {
+    let (mut messages, images, audios) = wire::chat_prompt(&req.messages, &app.config.limits)?;
+    let g = &req.gen;
+    let tools = Tools::from_request(
+        g.tools.as_ref(),
+        g.tool_choice.as_ref(),
+        g.parallel_tool_calls,
+    )?;
+    if let Some(t) = &tools {
+        t.attach(&mut messages);
+    }
+    let extras = Extras {
+        tools: tools.is_some(),
+        constraint: structured::constraint(g.response_format.as_ref(), tools.as_ref())?,
+        echo: false,
+        logprobs: req.logprobs.unwrap_or(false),
+    };
+    let mut lib = req
+        .gen
+        .to_request(PromptInput::Chat(messages), &app.config.limits)?;
+    if !extras.logprobs {
         lib.top_logprobs = 0;
     }
     lib.images = images;
     lib.audios = audios;
-    let sub = submit(&app, &ready, Api::Chat, lib, &req.gen, force, logprobs, false).await?;
+    let sub = submit(&app, &ready, Api::Chat, lib, &req.gen, force, extras).await?;
     respond(&ready, sub, &req.gen).await
 }
 
@@ -81,20 +119,38 @@ async fn legacy(app: AppState, body: Result<Bytes, BytesRejection>) -> ApiResult
         RawPrompt::Text(t) => t.clone(),
         RawPrompt::Ids(ids) => ready.engine.tokenizer().decode(ids, false)?,
         RawPrompt::Batch(v) if v.len() == 1 => v[0].clone(),
-        RawPrompt::Batch(_) => return Err(ApiError::bad_param("prompt", "one prompt per request on this server")),
+        RawPrompt::Batch(_) => {
+            return Err(ApiError::bad_param(
+                "prompt",
+                "one prompt per request on this server",
+            ))
+        }
     };
-    let mut lib = req.gen.to_request(PromptInput::Raw(text), &app.config.limits)?;
+    let mut lib = req
+        .gen
+        .to_request(PromptInput::Raw(text), &app.config.limits)?;
     lib.top_logprobs = match req.logprobs {
-        Some(k) if k > 5 => return Err(ApiError::bad_param("logprobs", "`logprobs` must be between 0 and 5")),
+        Some(k) if k > 5 => {
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "`logprobs` must be between 0 and 5",
+            ))
+        }
         Some(k) => k as usize,
         None => 0,
     };
-    let sub = submit(&app, &ready, Api::Completions, lib, &req.gen, force, req.logprobs.is_some(), req.echo).await?;
+    let extras = Extras {
+        tools: false,
+        constraint: structured::constraint(req.gen.response_format.as_ref(), None)?,
+        echo: req.echo,
+        logprobs: req.logprobs.is_some(),
+    };
+    let sub = submit(&app, &ready, Api::Completions, lib, &req.gen, force, extras).await?;
     respond(&ready, sub, &req.gen).await
 }
 
-/// Prepares the request (media decoded on a blocking thread) and submits one sequence per choice.
-#[allow(clippy::too_many_arguments)]
+/// Prepares the request (media decoded and grammars built on a blocking thread) and submits
+/// one sequence per choice.
 async fn submit(
     app: &AppState,
     ready: &Ready,
@@ -102,42 +158,75 @@ async fn submit(
     mut lib: GenerateRequest,
     gen: &GenParams,
     force: Option<Mode>,
-    logprobs: bool,
-    echo: bool,
+    extras: Extras,
 ) -> ApiResult<Submitted> {
     let n = gen.choices(&app.config.limits)?;
-    let engine = ready.engine.clone();
-    let req = lib.clone();
-    let mut prepared: Prepared = tokio::task::spawn_blocking(move || engine.prepare(&req))
-        .await
-        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))??;
+    let (r, req, constraint) = (ready.clone(), lib.clone(), extras.constraint.clone());
+    let (mut prepared, mut masks) =
+        tokio::task::spawn_blocking(move || prepare(&r, &req, constraint.as_ref(), n))
+            .await
+            .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))??;
     if let Some(mode) = force {
         force_mode(&mut prepared, mode)?;
     }
     let context = ready.engine.max_context();
     let prompt_tokens = prepared.ids.len();
     if gen.max_tokens.is_none() && gen.max_completion_tokens.is_none() {
-        lib.max_new_tokens = lib.max_new_tokens.min(context.saturating_sub(prompt_tokens)).max(1);
+        lib.max_new_tokens = lib
+            .max_new_tokens
+            .min(context.saturating_sub(prompt_tokens))
+            .max(1);
     }
-    ready.engine.check_lengths(&prepared, &lib).map_err(|e| ApiError::from(e).with_code("context_length_exceeded"))?;
-    let echo = if echo { Some(ready.engine.tokenizer().decode(&prepared.ids, false)?) } else { None };
+    ready
+        .engine
+        .check_lengths(&prepared, &lib)
+        .map_err(|e| ApiError::from(e).with_code("context_length_exceeded"))?;
+    let echo = if extras.echo {
+        Some(ready.engine.tokenizer().decode(&prepared.ids, false)?)
+    } else {
+        None
+    };
     let mut choices = Vec::with_capacity(n);
     for i in 0..n {
         let mut r = lib.clone();
         r.sampling.seed = r.sampling.seed.wrapping_add(i as u64);
+        r.mask = masks.get_mut(i).and_then(Option::take);
         choices.push(ready.worker.submit(r, prepared.clone()).await?);
     }
     let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
     Ok(Submitted {
         api,
         id: format!("{prefix}-{:032x}", rand::random::<u128>()),
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         model: app.config.served_model_name.clone(),
-        logprobs,
+        logprobs: extras.logprobs,
         prompt_tokens,
         echo,
+        tools: extras.tools,
         choices,
     })
+}
+
+/// The request prepared, and one grammar mask per choice when it is constrained.
+fn prepare(
+    ready: &Ready,
+    req: &GenerateRequest,
+    c: Option<&Constraint>,
+    n: usize,
+) -> ApiResult<(Prepared, Vec<Option<MaskHook>>)> {
+    let prepared = ready.engine.prepare(req)?;
+    let masks = match c {
+        None => Vec::new(),
+        Some(c) => {
+            let g = ready.grammars.get(ready)?;
+            (0..n)
+                .map(|_| structured::mask(&g, c).map(Some))
+                .collect::<ApiResult<_>>()?
+        }
+    };
+    Ok((prepared, masks))
 }
 
 /// Applies the adapter a `model` of `vision` / `speech` names (the media must allow it).
@@ -167,7 +256,17 @@ async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Re
         let usage = gen.stream_options.as_ref().is_some_and(|o| o.include_usage);
         return Ok(stream::sse(ready.clone(), sub, usage).into_response());
     }
-    let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, choices } = sub;
+    let Submitted {
+        api,
+        id,
+        created,
+        model,
+        logprobs,
+        prompt_tokens,
+        echo,
+        tools,
+        choices,
+    } = sub;
     let mut out = Vec::with_capacity(choices.len());
     let (mut completion_tokens, mut cached) = (0, usize::MAX);
     for (index, (mut ticket, mut rx)) in choices.into_iter().enumerate() {
@@ -175,9 +274,21 @@ async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Re
         ticket.finish();
         completion_tokens += c.tokens.len();
         cached = cached.min(c.cached_tokens);
-        out.push(choice(ready, api, index, &c, logprobs, echo.as_deref()));
+        out.push(choice(
+            ready,
+            api,
+            index,
+            &c,
+            logprobs,
+            echo.as_deref(),
+            tools,
+        ));
     }
-    let object = if api == Api::Chat { "chat.completion" } else { "text_completion" };
+    let object = if api == Api::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
     Ok(Json(json!({
         "id": id,
         "object": object,
@@ -193,9 +304,15 @@ async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Re
 async fn wait(rx: &mut UnboundedReceiver<Event>) -> ApiResult<Completion> {
     while let Some(e) = rx.recv().await {
         match e {
-            Event::Done { completion, .. } | Event::Cancelled { completion: Some(completion), .. } => return Ok(completion),
+            Event::Done { completion, .. }
+            | Event::Cancelled {
+                completion: Some(completion),
+                ..
+            } => return Ok(completion),
             Event::Failed { error, .. } => return Err(error.into()),
-            Event::Cancelled { completion: None, .. } => break,
+            Event::Cancelled {
+                completion: None, ..
+            } => break,
             _ => {}
         }
     }
@@ -212,20 +329,39 @@ pub fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
-fn choice(ready: &Ready, api: Api, index: usize, c: &Completion, logprobs: bool, echo: Option<&str>) -> Value {
+fn choice(
+    ready: &Ready,
+    api: Api,
+    index: usize,
+    c: &Completion,
+    logprobs: bool,
+    echo: Option<&str>,
+    tools: bool,
+) -> Value {
     let finish = match c.finish_reason {
         phi4mm::engine::FinishReason::Stop => "stop",
         phi4mm::engine::FinishReason::Length => "length",
     };
     let lp = logprobs.then(|| stream::logprobs(ready, api, &c.logprobs));
-    match api {
-        Api::Chat => json!({
+    let calls = if tools {
+        tools::parse_calls(&c.text)
+    } else {
+        None
+    };
+    match (api, calls) {
+        (Api::Chat, Some((content, calls))) => json!({
+            "index": index,
+            "message": {"role": "assistant", "content": if content.is_empty() { Value::Null } else { json!(content) }, "tool_calls": tools::openai_calls(&calls)},
+            "logprobs": lp,
+            "finish_reason": "tool_calls",
+        }),
+        (Api::Chat, None) => json!({
             "index": index,
             "message": {"role": "assistant", "content": c.text},
             "logprobs": lp,
             "finish_reason": finish,
         }),
-        Api::Completions => json!({
+        (Api::Completions, _) => json!({
             "index": index,
             "text": format!("{}{}", echo.unwrap_or(""), c.text),
             "logprobs": lp,

@@ -2,6 +2,7 @@
 //! the sampler and the streaming detokenizer (UTF-8 safe, stop strings).
 
 pub mod detok;
+pub mod grammar;
 pub mod prompt;
 pub mod sampler;
 pub mod tokenizer;

@@ -132,6 +132,11 @@ impl Tokenizer {
         Some(out)
     }
 
+    /// The underlying `tokenizers` tokenizer.
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
