@@ -301,7 +301,7 @@ async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Re
 }
 
 /// The request's end: its completion, or its error.
-async fn wait(rx: &mut UnboundedReceiver<Event>) -> ApiResult<Completion> {
+pub(crate) async fn wait(rx: &mut UnboundedReceiver<Event>) -> ApiResult<Completion> {
     while let Some(e) = rx.recv().await {
         match e {
             Event::Done { completion, .. }

@@ -7,6 +7,7 @@
 //! [`router`] builds the routes over an [`AppState`] (tests drive it without a socket);
 //! [`serve`] binds, answers `/health` with 503 while the model loads, then serves.
 
+pub mod audio;
 pub mod chat;
 pub mod error;
 pub mod stream;
@@ -124,6 +125,8 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
+        .route("/v1/audio/transcriptions", post(audio::transcriptions))
+        .route("/v1/audio/translations", post(audio::translations))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))

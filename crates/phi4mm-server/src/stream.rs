@@ -246,7 +246,7 @@ pub fn sse(ready: Ready, sub: Submitted, include_usage: bool) -> Response {
     sse_response(stream::iter(head.into_iter().map(Ok::<Sse, Infallible>)).chain(body))
 }
 
-fn sse_response(s: impl Stream<Item = Result<Sse, Infallible>> + Send + 'static) -> Response {
+pub fn sse_response(s: impl Stream<Item = Result<Sse, Infallible>> + Send + 'static) -> Response {
     axum::response::Sse::new(s)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
         .into_response()

@@ -10,6 +10,7 @@ pub mod audio_features;
 pub mod audio_io;
 mod audio_subsample;
 pub mod resample;
+pub mod split;
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
