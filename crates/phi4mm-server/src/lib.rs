@@ -10,6 +10,7 @@
 pub mod audio;
 pub mod chat;
 pub mod error;
+pub mod metrics;
 pub mod stream;
 pub mod structured;
 pub mod tools;
@@ -79,16 +80,15 @@ pub struct Ready {
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<ServerConfig>,
+    pub metrics: Arc<metrics::Metrics>,
     ready: Arc<OnceLock<Ready>>,
 }
 
 impl AppState {
     /// A server whose model is still loading (`/health` answers 503 until [`AppState::set_ready`]).
-    pub fn loading(config: ServerConfig) -> Self {
-        AppState {
-            config: Arc::new(config),
-            ready: Arc::new(OnceLock::new()),
-        }
+    pub fn loading(config: ServerConfig) -> std::io::Result<Self> {
+        let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
+        Ok(AppState { config: Arc::new(config), metrics: Arc::new(metrics), ready: Arc::new(OnceLock::new()) })
     }
 
     /// A server on a loaded engine, its scheduler thread started with `opts`.
@@ -97,14 +97,14 @@ impl AppState {
         engine: Arc<Engine>,
         opts: SchedulerOptions,
     ) -> std::io::Result<Self> {
-        let s = Self::loading(config);
+        let s = Self::loading(config)?;
         s.set_ready(engine, opts)?;
         Ok(s)
     }
 
     /// The model is loaded: starts the scheduler thread and begins serving.
     pub fn set_ready(&self, engine: Arc<Engine>, opts: SchedulerOptions) -> std::io::Result<()> {
-        let worker = Worker::start(engine.clone(), opts)?;
+        let worker = Worker::start(engine.clone(), opts, self.metrics.clone())?;
         let _ = self.ready.set(Ready {
             engine,
             worker,
@@ -128,12 +128,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audio/transcriptions", post(audio::transcriptions))
         .route("/v1/audio/translations", post(audio::translations))
         .route("/v1/models", get(models))
+        .route("/metrics", get(metrics::metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let mut r = Router::new()
         .route("/health", get(health))
         .merge(api)
+        .route_layer(middleware::from_fn_with_state(state.clone(), metrics::count))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state.clone());
@@ -161,7 +163,7 @@ pub async fn serve(
     opts: impl FnOnce(&Engine) -> SchedulerOptions + Send + 'static,
     load: impl FnOnce() -> phi4mm::Result<Engine> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = AppState::loading(config);
+    let state = AppState::loading(config)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
     let loading = state.clone();

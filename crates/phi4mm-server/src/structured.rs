@@ -96,6 +96,11 @@ fn format_schema(f: &Value) -> ApiResult<Option<Value>> {
 pub struct Engines(OnceLock<Result<Arc<Grammars>, String>>);
 
 impl Engines {
+    /// The engine if a request has built it.
+    pub fn built(&self) -> Option<&Grammars> {
+        self.0.get().and_then(|r| r.as_ref().ok()).map(|g| &**g)
+    }
+
     pub fn get(&self, ready: &Ready) -> ApiResult<Arc<Grammars>> {
         let built = self.0.get_or_init(|| {
             let e = &ready.engine;

@@ -8,10 +8,14 @@
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 
-use phi4mm::engine::Prepared;
-use phi4mm::{Engine, Error, Event, GenerateRequest, RequestId, Scheduler, SchedulerOptions};
+use phi4mm::engine::{FinishReason, Prepared};
+use phi4mm::scheduler::Stage;
+use phi4mm::{Engine, Error, Event, GenerateRequest, Mode, RequestId, Scheduler, SchedulerOptions};
 use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use crate::metrics::Metrics;
 
 /// What the handlers ask of the worker.
 enum Command {
@@ -25,13 +29,31 @@ enum Command {
 }
 
 /// Counts the handlers and `/metrics` read.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Load {
     pub running: usize,
     pub waiting: usize,
     pub kv_reserved: usize,
     pub kv_budget: usize,
+    /// The adapters of the running and of the waiting requests (`vision`, `speech`), comma-separated.
+    pub running_adapters: String,
+    pub waiting_adapters: String,
 }
+
+/// One request on the worker: where its events go and what its metrics need.
+struct Live {
+    tx: tmpsc::UnboundedSender<Event>,
+    mode: Mode,
+    prompt: usize,
+    arrived: Instant,
+    /// Its first event came (it was admitted).
+    started: bool,
+    last_token: Option<Instant>,
+    /// The start of the step that began encoding its media.
+    media_from: Option<Instant>,
+}
+
+type Streams = HashMap<RequestId, Live>;
 
 /// A handle to the scheduler thread (cheap to clone).
 #[derive(Clone)]
@@ -42,11 +64,11 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the scheduler thread on `engine`.
-    pub fn start(engine: Arc<Engine>, opts: SchedulerOptions) -> std::io::Result<Self> {
+    pub fn start(engine: Arc<Engine>, opts: SchedulerOptions, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let load = Arc::new(Mutex::new(Load { kv_budget: opts.kv_budget, ..Load::default() }));
         let shared = load.clone();
-        std::thread::Builder::new().name("phi4mm-scheduler".into()).spawn(move || run(&engine, opts, &rx, &shared))?;
+        std::thread::Builder::new().name("phi4mm-scheduler".into()).spawn(move || run(&engine, opts, &rx, &shared, &metrics))?;
         Ok(Worker { tx, load })
     }
 
@@ -68,7 +90,7 @@ impl Worker {
 
     /// The counts as of the last step.
     pub fn load(&self) -> Load {
-        self.load.lock().map(|l| *l).unwrap_or_default()
+        self.load.lock().map(|l| l.clone()).unwrap_or_default()
     }
 }
 
@@ -99,9 +121,9 @@ impl Drop for Ticket {
 }
 
 /// The scheduler loop: waits for work when idle, else takes every pending command and steps.
-fn run(engine: &Engine, opts: SchedulerOptions, rx: &mpsc::Receiver<Command>, load: &Mutex<Load>) {
+fn run(engine: &Engine, opts: SchedulerOptions, rx: &mpsc::Receiver<Command>, load: &Mutex<Load>, metrics: &Metrics) {
     let mut sched = Scheduler::new(engine, opts.clone());
-    let mut streams: HashMap<RequestId, tmpsc::UnboundedSender<Event>> = HashMap::new();
+    let mut streams = Streams::new();
     loop {
         if sched.is_idle() {
             match rx.recv() {
@@ -112,29 +134,55 @@ fn run(engine: &Engine, opts: SchedulerOptions, rx: &mpsc::Receiver<Command>, lo
         while let Ok(cmd) = rx.try_recv() {
             take(&mut sched, &mut streams, cmd);
         }
+        let step = Instant::now();
         match catch_unwind(AssertUnwindSafe(|| sched.step())) {
-            Ok(events) => route(&mut sched, &mut streams, events),
+            Ok(events) => route(&mut sched, &mut streams, events, step, metrics),
             Err(_) => {
                 tracing::error!("a scheduler step panicked; failing the requests it held and starting afresh");
-                for (id, tx) in streams.drain() {
+                for (id, live) in streams.drain() {
                     let error = Error::Request("internal error while generating this request (the server goes on)".into());
-                    let _ = tx.send(Event::Failed { id, error });
+                    let _ = live.tx.send(Event::Failed { id, error });
                 }
                 sched = Scheduler::new(engine, opts.clone());
             }
         }
         if let Ok(mut l) = load.lock() {
-            *l = Load { running: sched.running(), waiting: sched.queued(), kv_reserved: sched.kv_reserved(), kv_budget: opts.kv_budget };
+            *l = Load {
+                running: sched.running(),
+                waiting: sched.queued(),
+                kv_reserved: sched.kv_reserved(),
+                kv_budget: opts.kv_budget,
+                running_adapters: adapters(&streams, true),
+                waiting_adapters: adapters(&streams, false),
+            };
         }
     }
 }
 
-fn take(sched: &mut Scheduler, streams: &mut HashMap<RequestId, tmpsc::UnboundedSender<Event>>, cmd: Command) {
+/// The distinct adapters of the started (or waiting) requests.
+fn adapters(streams: &Streams, started: bool) -> String {
+    let mut names: Vec<&str> = streams
+        .values()
+        .filter(|l| l.started == started)
+        .filter_map(|l| match l.mode {
+            Mode::Vision => Some("vision"),
+            Mode::Speech => Some("speech"),
+            _ => None,
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names.join(",")
+}
+
+fn take(sched: &mut Scheduler, streams: &mut Streams, cmd: Command) {
     match cmd {
         Command::Submit { req, prepared, events, reply } => {
+            let (mode, prompt) = (prepared.mode, prepared.ids.len());
             let r = sched.submit_prepared(*req, *prepared);
             if let Ok(id) = r {
-                streams.insert(id, events);
+                let live = Live { tx: events, mode, prompt, arrived: Instant::now(), started: false, last_token: None, media_from: None };
+                streams.insert(id, live);
             }
             if let Err(Ok(id)) = reply.send(r) {
                 // The handler is gone already.
@@ -147,17 +195,50 @@ fn take(sched: &mut Scheduler, streams: &mut HashMap<RequestId, tmpsc::Unbounded
     }
 }
 
-/// Hands each event to its request's receiver; a receiver that is gone cancels its request.
-fn route(sched: &mut Scheduler, streams: &mut HashMap<RequestId, tmpsc::UnboundedSender<Event>>, events: Vec<Event>) {
+/// Hands each event to its request's receiver (a receiver that is gone cancels its request)
+/// and records its metrics; `step` is when the step that made the events began.
+fn route(sched: &mut Scheduler, streams: &mut Streams, events: Vec<Event>, step: Instant, m: &Metrics) {
+    let now = Instant::now();
     for e in events {
         let id = e.id();
         let last = matches!(e, Event::Done { .. } | Event::Cancelled { .. } | Event::Failed { .. });
-        let Some(tx) = streams.get(&id) else { continue };
-        if tx.send(e).is_err() && !last {
+        let Some(live) = streams.get_mut(&id) else { continue };
+        live.started = true;
+        observe(live, &e, step, now, m);
+        if live.tx.send(e).is_err() && !last {
             sched.cancel(id);
         }
         if last {
             streams.remove(&id);
         }
+    }
+}
+
+fn observe(live: &mut Live, e: &Event, step: Instant, now: Instant, m: &Metrics) {
+    match e {
+        Event::Progress { stage, done, total, .. } if matches!(stage, Stage::Images | Stage::Audio) => {
+            let from = *live.media_from.get_or_insert(step);
+            if done >= total {
+                let medium = if matches!(stage, Stage::Images) { "image" } else { "audio" };
+                m.media_encode.with_label_values(&[medium]).observe((now - from).as_secs_f64());
+            }
+        }
+        Event::Token { .. } => {
+            match live.last_token {
+                None => m.ttft.observe((now - live.arrived).as_secs_f64()),
+                Some(t) => m.itl.observe((now - t).as_secs_f64()),
+            }
+            live.last_token = Some(now);
+            m.generation_tokens.inc();
+        }
+        Event::Done { completion, .. } => {
+            m.e2e.observe((now - live.arrived).as_secs_f64());
+            m.prompt_tokens.inc_by(live.prompt as u64);
+            let reason = if completion.finish_reason == FinishReason::Stop { "stop" } else { "length" };
+            m.finished.with_label_values(&[reason]).inc();
+        }
+        Event::Cancelled { .. } => m.finished.with_label_values(&["abort"]).inc(),
+        Event::Failed { .. } => m.finished.with_label_values(&["error"]).inc(),
+        Event::Progress { .. } => {}
     }
 }

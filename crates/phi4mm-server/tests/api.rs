@@ -230,7 +230,7 @@ async fn concurrent_clients_get_their_solo_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_health_tokenize_and_completions() {
     let engine = engine();
-    let loading = AppState::loading(ServerConfig::default());
+    let loading = AppState::loading(ServerConfig::default()).expect("metrics");
     let (s, b, _) = call(&router(loading.clone()), "GET", "/health", None, None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
