@@ -48,6 +48,13 @@ pub struct ServeArgs {
     /// Allow browser requests from this origin (repeatable).
     #[arg(long)]
     pub cors_origin: Vec<String>,
+    /// Fetch http(s) media only from these hosts (comma-separated or repeated); they may be
+    /// private addresses, which are refused for every other host.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_media_domains: Vec<String>,
+    /// Let requests name local files (paths or file:// URLs) under this directory.
+    #[arg(long)]
+    pub allowed_local_media_path: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -67,6 +74,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     parse_media_limits(&a.limit_mm_per_prompt, &mut config.limits)?;
     config.limits.default_max_tokens = a.default_max_tokens.max(1);
     config.max_body_bytes = a.max_body_mib.max(1) << 20;
+    config.media.allowed_domains = a.allowed_media_domains.iter().map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect();
+    if let Some(dir) = &a.allowed_local_media_path {
+        if !dir.is_dir() {
+            bail!("--allowed-local-media-path {} is not a directory", dir.display());
+        }
+        config.media.local_root = Some(dir.clone());
+    }
     let model = a.model;
     model.apply_threads();
     let (max_seqs, max_queue, kv_budget) = (a.max_seqs.max(1), a.max_queue, a.kv_budget);

@@ -105,8 +105,8 @@ async fn chat(app: AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<R
     if !extras.logprobs {
         lib.top_logprobs = 0;
     }
-    lib.images = images;
-    lib.audios = audios;
+    lib.images = app.fetcher.resolve(images).await?;
+    lib.audios = app.fetcher.resolve(audios).await?;
     let sub = submit(&app, &ready, Api::Chat, lib, &req.gen, force, extras).await?;
     respond(&ready, sub, &req.gen).await
 }

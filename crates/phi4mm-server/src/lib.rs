@@ -10,6 +10,7 @@
 pub mod audio;
 pub mod chat;
 pub mod error;
+pub mod fetch;
 pub mod metrics;
 pub mod stream;
 pub mod structured;
@@ -48,6 +49,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// `Access-Control-Allow-Origin` values (none: no CORS headers).
     pub cors_origins: Vec<String>,
+    /// Where media URLs may point.
+    pub media: fetch::MediaPolicy,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +66,7 @@ impl Default for ServerConfig {
             },
             max_body_bytes: 64 << 20,
             cors_origins: Vec::new(),
+            media: fetch::MediaPolicy::default(),
         }
     }
 }
@@ -81,6 +85,7 @@ pub struct Ready {
 pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub metrics: Arc<metrics::Metrics>,
+    pub fetcher: Arc<fetch::Fetcher>,
     ready: Arc<OnceLock<Ready>>,
 }
 
@@ -88,7 +93,8 @@ impl AppState {
     /// A server whose model is still loading (`/health` answers 503 until [`AppState::set_ready`]).
     pub fn loading(config: ServerConfig) -> std::io::Result<Self> {
         let metrics = metrics::Metrics::new().map_err(std::io::Error::other)?;
-        Ok(AppState { config: Arc::new(config), metrics: Arc::new(metrics), ready: Arc::new(OnceLock::new()) })
+        let fetcher = fetch::Fetcher::new(config.media.clone())?;
+        Ok(AppState { config: Arc::new(config), metrics: Arc::new(metrics), fetcher: Arc::new(fetcher), ready: Arc::new(OnceLock::new()) })
     }
 
     /// A server on a loaded engine, its scheduler thread started with `opts`.

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
-use base64::Engine as _;
-use phi4mm::{GenerateRequest, MediaInput, Message, Mode, PromptInput, SamplingParams};
+use phi4mm::{GenerateRequest, Message, Mode, PromptInput, SamplingParams};
 use serde::Deserialize;
 
 use crate::error::{ApiError, ApiResult};
+use crate::fetch::{base64_bytes, MediaRef};
 use crate::tools::{with_past_calls, PastCall};
 
 /// `POST /v1/chat/completions`.
@@ -155,7 +155,7 @@ pub fn model_mode(model: Option<&str>, served: &str) -> ApiResult<Option<Mode>> 
 pub fn chat_prompt(
     messages: &[ChatMessage],
     limits: &Limits,
-) -> ApiResult<(Vec<Message>, Vec<MediaInput>, Vec<MediaInput>)> {
+) -> ApiResult<(Vec<Message>, Vec<(MediaRef, String)>, Vec<(MediaRef, String)>)> {
     if messages.is_empty() {
         return Err(ApiError::bad_param(
             "messages",
@@ -189,15 +189,16 @@ pub fn chat_prompt(
                     match p {
                         Part::Text { text: t } => text.push_str(t),
                         Part::ImageUrl { image_url } => {
-                            images.push(media_url(&image_url.url, &at)?);
+                            images.push((MediaRef::Url(image_url.url.clone()), at));
                             text.push_str(&format!("<|image_{}|>", images.len()));
                         }
                         Part::AudioUrl { audio_url } => {
-                            audios.push(media_url(&audio_url.url, &at)?);
+                            audios.push((MediaRef::Url(audio_url.url.clone()), at));
                             text.push_str(&format!("<|audio_{}|>", audios.len()));
                         }
                         Part::InputAudio { input_audio } => {
-                            audios.push(MediaInput::Bytes(base64_bytes(&input_audio.data, &at)?));
+                            let bytes = base64_bytes(&input_audio.data).map_err(|m| ApiError::bad_param(at.clone(), m))?;
+                            audios.push((MediaRef::Inline(bytes), at));
                             text.push_str(&format!("<|audio_{}|>", audios.len()));
                         }
                     }
@@ -220,34 +221,6 @@ pub fn chat_prompt(
         ));
     }
     Ok((out, images, audios))
-}
-
-/// A media URL's bytes: `data:` URIs (base64). Other schemes are refused with the reason.
-fn media_url(url: &str, at: &str) -> ApiResult<MediaInput> {
-    if let Some(rest) = url.strip_prefix("data:") {
-        let Some((meta, data)) = rest.split_once(',') else {
-            return Err(ApiError::bad_param(at, "malformed data: URI (no `,`)"));
-        };
-        if !meta.ends_with(";base64") {
-            return Err(ApiError::bad_param(
-                at,
-                "data: URIs must be base64 (`data:<type>;base64,<data>`)",
-            ));
-        }
-        return Ok(MediaInput::Bytes(base64_bytes(data, at)?));
-    }
-    let scheme = url.split(':').next().unwrap_or("");
-    Err(ApiError::bad_param(
-        at,
-        format!("`{scheme}:` media URLs are not fetched by this server; send the media inline as a `data:<type>;base64,…` URI"),
-    ))
-}
-
-fn base64_bytes(data: &str, at: &str) -> ApiResult<Vec<u8>> {
-    let clean: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(clean.as_bytes())
-        .map_err(|e| ApiError::bad_param(at, format!("the media data is not valid base64: {e}")))
 }
 
 impl GenParams {
