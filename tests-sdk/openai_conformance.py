@@ -4,6 +4,7 @@ Usage: python openai_conformance.py BASE_URL API_KEY FIXTURES_DIR
 Exits non-zero on the first failed check (an AssertionError or an unexpected SDK exception).
 """
 import base64
+import json
 import sys
 
 import openai
@@ -76,6 +77,66 @@ def completions():
     assert c.text.startswith("Once upon a time") and len(c.logprobs.tokens) == 5, c
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}]
+ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def tools():
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0, seed=3, max_tokens=100)
+    r = client.chat.completions.create(**kw)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    call = c.message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_"), call
+    assert set(args) == {"city", "unit"} and args["unit"] in ("c", "f") and len(args["city"]) <= 12, args
+    # Streamed: the SDK's own accumulator rebuilds the same call from the deltas.
+    with client.chat.completions.stream(**kw) as s:
+        for _ in s:
+            pass
+        final = s.get_final_completion()
+    sc = final.choices[0]
+    assert sc.finish_reason == "tool_calls", sc
+    assert [(t.function.name, t.function.arguments) for t in sc.message.tool_calls] == [(call.function.name, call.function.arguments)], sc
+    # The result goes back as a `tool` message.
+    follow = ASK + [c.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    r2 = client.chat.completions.create(model=MODEL, messages=follow, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens, r2.usage
+
+
+def json_schema():
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "ok": {"type": "boolean"}}, "required": ["name", "ok"], "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "A fruit as JSON."}], temperature=1.0, seed=1, max_tokens=60,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "fruit", "schema": schema, "strict": True}})
+    out = json.loads(r.choices[0].message.content)
+    assert set(out) == {"name", "ok"} and isinstance(out["ok"], bool) and len(out["name"]) <= 10, out
+
+
+def transcriptions():
+    path = f"{fixtures}/audio/speech_45s_16k.wav"
+    with open(path, "rb") as f:
+        audio = f.read()
+    j = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), extra_body={"max_completion_tokens": 4})
+    assert isinstance(j.text, str), j
+    t = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format="text", extra_body={"max_completion_tokens": 4})
+    assert t.strip() == j.text, (t, j.text)
+    v = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format="verbose_json", extra_body={"max_completion_tokens": 4})
+    assert abs(v.duration - 45.0) < 0.01 and [(s.start, s.end) for s in v.segments] == [(0.0, 40.0), (40.0, v.duration)], v
+    for fmt, head in [("srt", "1\n00:00:00,000 --> "), ("vtt", "WEBVTT")]:
+        out = client.audio.transcriptions.create(model=MODEL, file=("a.wav", audio), response_format=fmt, extra_body={"max_completion_tokens": 4})
+        assert out.startswith(head) or not j.text, (fmt, out)
+    tr = client.audio.translations.create(model=MODEL, file=("a.wav", audio), extra_body={"max_completion_tokens": 4})
+    assert isinstance(tr.text, str), tr
+    try:
+        client.audio.transcriptions.create(model=MODEL, file=("a.wav", b"RIFFjunk"))
+    except openai.BadRequestError as e:
+        assert e.body.get("param") == "file", e.body
+    else:
+        raise AssertionError("a corrupt audio file should raise BadRequestError")
+
+
 def errors():
     for kwargs, cls in [
         (dict(temperature=5), openai.BadRequestError),
@@ -104,6 +165,7 @@ def errors():
         raise AssertionError("a corrupt image should raise BadRequestError")
 
 
-for name, fn in [("models", models), ("chat + logprobs", chat), ("stream + usage", stream), ("image + audio parts", image_and_audio), ("completions", completions), ("errors as SDK exceptions", errors)]:
+for name, fn in [("models", models), ("chat + logprobs", chat), ("stream + usage", stream), ("image + audio parts", image_and_audio), ("completions", completions), ("tools (whole and streamed)", tools),
+                 ("json_schema", json_schema), ("transcriptions and translations", transcriptions), ("errors as SDK exceptions", errors)]:
     check(name, fn)
 print("openai SDK conformance: all passed")

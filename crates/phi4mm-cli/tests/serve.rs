@@ -86,6 +86,7 @@ fn the_openai_sdk_conformance_suite_passes() {
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the openai SDK suite failed:\n{log}");
     assert!(log.contains("all passed"), "{log}");
+    eprintln!("{log}");
 }
 
 #[test]
