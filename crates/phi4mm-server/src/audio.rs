@@ -204,7 +204,7 @@ impl Answer {
                             if let Some(t) = ticket.as_mut() {
                                 t.finish();
                             }
-                            let usage = (i == last && include_usage).then(|| (prompt, completion.tokens.len()));
+                            let usage = (i == last && include_usage).then_some((prompt, completion.tokens.len()));
                             return Some((Piece::End(i == last, usage), (rx, ticket.take(), false)));
                         }
                         Event::Failed { error, .. } => return Some((Piece::Error(ApiError::from(error).body()), (rx, ticket.take(), false))),

@@ -121,6 +121,9 @@ pub struct InputAudio {
     pub format: Option<String>,
 }
 
+/// A media reference and the request part it came from (`messages[i].content[j]`).
+pub type Named = (MediaRef, String);
+
 /// What the server allows per request.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -155,7 +158,7 @@ pub fn model_mode(model: Option<&str>, served: &str) -> ApiResult<Option<Mode>> 
 pub fn chat_prompt(
     messages: &[ChatMessage],
     limits: &Limits,
-) -> ApiResult<(Vec<Message>, Vec<(MediaRef, String)>, Vec<(MediaRef, String)>)> {
+) -> ApiResult<(Vec<Message>, Vec<Named>, Vec<Named>)> {
     if messages.is_empty() {
         return Err(ApiError::bad_param(
             "messages",
