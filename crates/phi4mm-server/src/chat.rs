@@ -51,20 +51,14 @@ pub struct Extras {
     pub logprobs: bool,
 }
 
-pub async fn chat_completions(
-    State(app): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn chat_completions(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     match chat(app, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-pub async fn completions(
-    State(app): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn completions(State(app): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     match legacy(app, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -73,10 +67,8 @@ pub async fn completions(
 
 /// The body as JSON of type `T`; a body over the limit is 413, malformed JSON or a wrong type 400.
 pub fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
-    let bytes =
-        body.map_err(|r| ApiError::new(r.status(), "invalid_request_error", r.body_text()))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    let bytes = body.map_err(|r| ApiError::new(r.status(), "invalid_request_error", r.body_text()))?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 async fn chat(app: AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
@@ -85,23 +77,12 @@ async fn chat(app: AppState, body: Result<Bytes, BytesRejection>) -> ApiResult<R
     let force = wire::model_mode(req.model.as_deref(), &app.config.served_model_name)?;
     let (mut messages, images, audios) = wire::chat_prompt(&req.messages, &app.config.limits)?;
     let g = &req.gen;
-    let tools = Tools::from_request(
-        g.tools.as_ref(),
-        g.tool_choice.as_ref(),
-        g.parallel_tool_calls,
-    )?;
+    let tools = Tools::from_request(g.tools.as_ref(), g.tool_choice.as_ref(), g.parallel_tool_calls)?;
     if let Some(t) = &tools {
         t.attach(&mut messages);
     }
-    let extras = Extras {
-        tools: tools.is_some(),
-        constraint: structured::constraint(g.response_format.as_ref(), tools.as_ref())?,
-        echo: false,
-        logprobs: req.logprobs.unwrap_or(false),
-    };
-    let mut lib = req
-        .gen
-        .to_request(PromptInput::Chat(messages), &app.config.limits)?;
+    let extras = Extras { tools: tools.is_some(), constraint: structured::constraint(g.response_format.as_ref(), tools.as_ref())?, echo: false, logprobs: req.logprobs.unwrap_or(false) };
+    let mut lib = req.gen.to_request(PromptInput::Chat(messages), &app.config.limits)?;
     if !extras.logprobs {
         lib.top_logprobs = 0;
     }
@@ -119,73 +100,36 @@ async fn legacy(app: AppState, body: Result<Bytes, BytesRejection>) -> ApiResult
         RawPrompt::Text(t) => t.clone(),
         RawPrompt::Ids(ids) => ready.engine.tokenizer().decode(ids, false)?,
         RawPrompt::Batch(v) if v.len() == 1 => v[0].clone(),
-        RawPrompt::Batch(_) => {
-            return Err(ApiError::bad_param(
-                "prompt",
-                "one prompt per request on this server",
-            ))
-        }
+        RawPrompt::Batch(_) => return Err(ApiError::bad_param("prompt", "one prompt per request on this server")),
     };
-    let mut lib = req
-        .gen
-        .to_request(PromptInput::Raw(text), &app.config.limits)?;
+    let mut lib = req.gen.to_request(PromptInput::Raw(text), &app.config.limits)?;
     lib.top_logprobs = match req.logprobs {
-        Some(k) if k > 5 => {
-            return Err(ApiError::bad_param(
-                "logprobs",
-                "`logprobs` must be between 0 and 5",
-            ))
-        }
+        Some(k) if k > 5 => return Err(ApiError::bad_param("logprobs", "`logprobs` must be between 0 and 5")),
         Some(k) => k as usize,
         None => 0,
     };
-    let extras = Extras {
-        tools: false,
-        constraint: structured::constraint(req.gen.response_format.as_ref(), None)?,
-        echo: req.echo,
-        logprobs: req.logprobs.is_some(),
-    };
+    let extras = Extras { tools: false, constraint: structured::constraint(req.gen.response_format.as_ref(), None)?, echo: req.echo, logprobs: req.logprobs.is_some() };
     let sub = submit(&app, &ready, Api::Completions, lib, &req.gen, force, extras).await?;
     respond(&ready, sub, &req.gen).await
 }
 
 /// Prepares the request (media decoded and grammars built on a blocking thread) and submits
 /// one sequence per choice.
-async fn submit(
-    app: &AppState,
-    ready: &Ready,
-    api: Api,
-    mut lib: GenerateRequest,
-    gen: &GenParams,
-    force: Option<Mode>,
-    extras: Extras,
-) -> ApiResult<Submitted> {
+async fn submit(app: &AppState, ready: &Ready, api: Api, mut lib: GenerateRequest, gen: &GenParams, force: Option<Mode>, extras: Extras) -> ApiResult<Submitted> {
     let n = gen.choices(&app.config.limits)?;
     let (r, req, constraint) = (ready.clone(), lib.clone(), extras.constraint.clone());
     let (mut prepared, mut masks) =
-        tokio::task::spawn_blocking(move || prepare(&r, &req, constraint.as_ref(), n))
-            .await
-            .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))??;
+        tokio::task::spawn_blocking(move || prepare(&r, &req, constraint.as_ref(), n)).await.map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))??;
     if let Some(mode) = force {
         force_mode(&mut prepared, mode)?;
     }
     let context = ready.engine.max_context();
     let prompt_tokens = prepared.ids.len();
     if gen.max_tokens.is_none() && gen.max_completion_tokens.is_none() {
-        lib.max_new_tokens = lib
-            .max_new_tokens
-            .min(context.saturating_sub(prompt_tokens))
-            .max(1);
+        lib.max_new_tokens = lib.max_new_tokens.min(context.saturating_sub(prompt_tokens)).max(1);
     }
-    ready
-        .engine
-        .check_lengths(&prepared, &lib)
-        .map_err(|e| ApiError::from(e).with_code("context_length_exceeded"))?;
-    let echo = if extras.echo {
-        Some(ready.engine.tokenizer().decode(&prepared.ids, false)?)
-    } else {
-        None
-    };
+    ready.engine.check_lengths(&prepared, &lib).map_err(|e| ApiError::from(e).with_code("context_length_exceeded"))?;
+    let echo = if extras.echo { Some(ready.engine.tokenizer().decode(&prepared.ids, false)?) } else { None };
     let mut choices = Vec::with_capacity(n);
     for i in 0..n {
         let mut r = lib.clone();
@@ -197,9 +141,7 @@ async fn submit(
     Ok(Submitted {
         api,
         id: format!("{prefix}-{:032x}", rand::random::<u128>()),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: app.config.served_model_name.clone(),
         logprobs: extras.logprobs,
         prompt_tokens,
@@ -210,20 +152,13 @@ async fn submit(
 }
 
 /// The request prepared, and one grammar mask per choice when it is constrained.
-fn prepare(
-    ready: &Ready,
-    req: &GenerateRequest,
-    c: Option<&Constraint>,
-    n: usize,
-) -> ApiResult<(Prepared, Vec<Option<MaskHook>>)> {
+fn prepare(ready: &Ready, req: &GenerateRequest, c: Option<&Constraint>, n: usize) -> ApiResult<(Prepared, Vec<Option<MaskHook>>)> {
     let prepared = ready.engine.prepare(req)?;
     let masks = match c {
         None => Vec::new(),
         Some(c) => {
             let g = ready.grammars.get(ready)?;
-            (0..n)
-                .map(|_| structured::mask(&g, c).map(Some))
-                .collect::<ApiResult<_>>()?
+            (0..n).map(|_| structured::mask(&g, c).map(Some)).collect::<ApiResult<_>>()?
         }
     };
     Ok((prepared, masks))
@@ -256,17 +191,7 @@ async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Re
         let usage = gen.stream_options.as_ref().is_some_and(|o| o.include_usage);
         return Ok(stream::sse(ready.clone(), sub, usage).into_response());
     }
-    let Submitted {
-        api,
-        id,
-        created,
-        model,
-        logprobs,
-        prompt_tokens,
-        echo,
-        tools,
-        choices,
-    } = sub;
+    let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, tools, choices } = sub;
     let mut out = Vec::with_capacity(choices.len());
     let (mut completion_tokens, mut cached) = (0, usize::MAX);
     for (index, (mut ticket, mut rx)) in choices.into_iter().enumerate() {
@@ -274,21 +199,9 @@ async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Re
         ticket.finish();
         completion_tokens += c.tokens.len();
         cached = cached.min(c.cached_tokens);
-        out.push(choice(
-            ready,
-            api,
-            index,
-            &c,
-            logprobs,
-            echo.as_deref(),
-            tools,
-        ));
+        out.push(choice(ready, api, index, &c, logprobs, echo.as_deref(), tools));
     }
-    let object = if api == Api::Chat {
-        "chat.completion"
-    } else {
-        "text_completion"
-    };
+    let object = if api == Api::Chat { "chat.completion" } else { "text_completion" };
     Ok(Json(json!({
         "id": id,
         "object": object,
@@ -304,15 +217,9 @@ async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Re
 pub(crate) async fn wait(rx: &mut UnboundedReceiver<Event>) -> ApiResult<Completion> {
     while let Some(e) = rx.recv().await {
         match e {
-            Event::Done { completion, .. }
-            | Event::Cancelled {
-                completion: Some(completion),
-                ..
-            } => return Ok(completion),
+            Event::Done { completion, .. } | Event::Cancelled { completion: Some(completion), .. } => return Ok(completion),
             Event::Failed { error, .. } => return Err(error.into()),
-            Event::Cancelled {
-                completion: None, ..
-            } => break,
+            Event::Cancelled { completion: None, .. } => break,
             _ => {}
         }
     }
@@ -329,25 +236,13 @@ pub fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     })
 }
 
-fn choice(
-    ready: &Ready,
-    api: Api,
-    index: usize,
-    c: &Completion,
-    logprobs: bool,
-    echo: Option<&str>,
-    tools: bool,
-) -> Value {
+fn choice(ready: &Ready, api: Api, index: usize, c: &Completion, logprobs: bool, echo: Option<&str>, tools: bool) -> Value {
     let finish = match c.finish_reason {
         phi4mm::engine::FinishReason::Stop => "stop",
         phi4mm::engine::FinishReason::Length => "length",
     };
     let lp = logprobs.then(|| stream::logprobs(ready, api, &c.logprobs));
-    let calls = if tools {
-        tools::parse_calls(&c.text)
-    } else {
-        None
-    };
+    let calls = if tools { tools::parse_calls(&c.text) } else { None };
     match (api, calls) {
         (Api::Chat, Some((content, calls))) => json!({
             "index": index,

@@ -40,11 +40,7 @@ impl ApiError {
     }
 
     pub fn model_not_found(model: &str, served: &str) -> Self {
-        let e = Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
-            format!("the model `{model}` does not exist: this server serves `{served}` (and its adapters `vision`, `speech`)"),
-        );
+        let e = Self::new(StatusCode::NOT_FOUND, "not_found_error", format!("the model `{model}` does not exist: this server serves `{served}` (and its adapters `vision`, `speech`)"));
         ApiError { param: Some("model".into()), code: Some("model_not_found"), ..e }
     }
 

@@ -58,12 +58,7 @@ impl Default for ServerConfig {
         ServerConfig {
             served_model_name: "microsoft/Phi-4-multimodal-instruct".into(),
             api_key: None,
-            limits: Limits {
-                images: 8,
-                audios: 4,
-                n: 8,
-                default_max_tokens: 4096,
-            },
+            limits: Limits { images: 8, audios: 4, n: 8, default_max_tokens: 4096 },
             max_body_bytes: 64 << 20,
             cors_origins: Vec::new(),
             media: fetch::MediaPolicy::default(),
@@ -98,11 +93,7 @@ impl AppState {
     }
 
     /// A server on a loaded engine, its scheduler thread started with `opts`.
-    pub fn new(
-        config: ServerConfig,
-        engine: Arc<Engine>,
-        opts: SchedulerOptions,
-    ) -> std::io::Result<Self> {
+    pub fn new(config: ServerConfig, engine: Arc<Engine>, opts: SchedulerOptions) -> std::io::Result<Self> {
         let s = Self::loading(config)?;
         s.set_ready(engine, opts)?;
         Ok(s)
@@ -111,11 +102,7 @@ impl AppState {
     /// The model is loaded: starts the scheduler thread and begins serving.
     pub fn set_ready(&self, engine: Arc<Engine>, opts: SchedulerOptions) -> std::io::Result<()> {
         let worker = Worker::start(engine.clone(), opts, self.metrics.clone())?;
-        let _ = self.ready.set(Ready {
-            engine,
-            worker,
-            grammars: Arc::default(),
-        });
+        let _ = self.ready.set(Ready { engine, worker, grammars: Arc::default() });
         Ok(())
     }
 
@@ -146,16 +133,8 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state.clone());
     if !state.config.cors_origins.is_empty() {
-        let origins: Vec<_> = state
-            .config
-            .cors_origins
-            .iter()
-            .filter_map(|o| o.parse().ok())
-            .collect();
-        let cors = tower_http::cors::CorsLayer::new()
-            .allow_origin(origins)
-            .allow_methods(tower_http::cors::Any)
-            .allow_headers(tower_http::cors::Any);
+        let origins: Vec<_> = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+        let cors = tower_http::cors::CorsLayer::new().allow_origin(origins).allow_methods(tower_http::cors::Any).allow_headers(tower_http::cors::Any);
         r = r.layer(cors);
     }
     r
@@ -198,9 +177,7 @@ pub async fn serve(
             }
         }
     };
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop)
-        .await?;
+    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await?;
     match failure.lock().ok().and_then(|mut f| f.take()) {
         Some(e) => Err(e),
         None => Ok(()),
@@ -210,11 +187,7 @@ pub async fn serve(
 /// `Authorization: Bearer <key>` when the server has a key.
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.config.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         if given.map(str::trim) != Some(key.as_str()) {
             return ApiError::unauthorized().into_response();
         }
@@ -237,9 +210,7 @@ async fn not_found() -> ApiError {
 async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
     let name = &state.config.served_model_name;
     let card = |id: &str, parent: Option<&str>| json!({"id": id, "object": "model", "created": 0, "owned_by": "phi4mm", "root": name, "parent": parent});
-    Json(
-        json!({"object": "list", "data": [card(name, None), card("vision", Some(name)), card("speech", Some(name))]}),
-    )
+    Json(json!({"object": "list", "data": [card(name, None), card("vision", Some(name)), card("speech", Some(name))]}))
 }
 
 #[derive(Deserialize)]
@@ -249,36 +220,20 @@ struct TokenizeRequest {
 }
 
 /// vLLM's `/tokenize`: a prompt string, or chat messages rendered with the template.
-async fn tokenize(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<serde_json::Value>> {
     let ready = state.ready()?;
     let req: TokenizeRequest = chat::parse(body)?;
     let tok = ready.engine.tokenizer();
     let text = match (&req.prompt, &req.messages) {
         (Some(p), None) => p.clone(),
         (None, Some(m)) => {
-            let (msgs, _, _) = wire::chat_prompt(
-                m,
-                &Limits {
-                    images: usize::MAX,
-                    audios: usize::MAX,
-                    ..state.config.limits
-                },
-            )?;
+            let (msgs, _, _) = wire::chat_prompt(m, &Limits { images: usize::MAX, audios: usize::MAX, ..state.config.limits })?;
             tok.apply_chat_template(&msgs, true)?
         }
-        _ => {
-            return Err(ApiError::bad_request(
-                "give exactly one of `prompt` and `messages`",
-            ))
-        }
+        _ => return Err(ApiError::bad_request("give exactly one of `prompt` and `messages`")),
     };
     let ids = tok.encode(&text)?;
-    Ok(Json(
-        json!({"count": ids.len(), "max_model_len": ready.engine.max_context(), "tokens": ids}),
-    ))
+    Ok(Json(json!({"count": ids.len(), "max_model_len": ready.engine.max_context(), "tokens": ids})))
 }
 
 #[derive(Deserialize)]
@@ -286,20 +241,12 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-async fn detokenize(
-    State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+async fn detokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<serde_json::Value>> {
     let ready = state.ready()?;
     let req: DetokenizeRequest = chat::parse(body)?;
     let vocab = ready.engine.tokenizer().vocab_size() as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
-        return Err(ApiError::bad_param(
-            "tokens",
-            format!("token id {bad} is outside the vocabulary ({vocab} ids)"),
-        ));
+        return Err(ApiError::bad_param("tokens", format!("token id {bad} is outside the vocabulary ({vocab} ids)")));
     }
-    Ok(Json(
-        json!({"prompt": ready.engine.tokenizer().decode(&req.tokens, false)?}),
-    ))
+    Ok(Json(json!({"prompt": ready.engine.tokenizer().decode(&req.tokens, false)?})))
 }

@@ -53,7 +53,8 @@ impl Metrics {
         let ttft = hist("phi4mm_time_to_first_token_seconds", "Time from a request's arrival at the scheduler to its first token")?;
         let itl = hist("phi4mm_inter_token_latency_seconds", "Time between consecutive tokens of one request")?;
         let e2e = hist("phi4mm_e2e_request_latency_seconds", "Time from a request's arrival at the scheduler to its end")?;
-        let media_encode = HistogramVec::new(HistogramOpts::new("phi4mm_media_encode_seconds", "Wall time of the steps that encoded a request's images or audio").buckets(LATENCY.to_vec()), &["medium"])?;
+        let media_encode =
+            HistogramVec::new(HistogramOpts::new("phi4mm_media_encode_seconds", "Wall time of the steps that encoded a request's images or audio").buckets(LATENCY.to_vec()), &["medium"])?;
         let http_requests = IntCounterVec::new(Opts::new("phi4mm_http_requests_total", "HTTP requests by route and status"), &["route", "status"])?;
         let finished = IntCounterVec::new(Opts::new("phi4mm_request_success_total", "Finished requests by finish reason"), &["finish_reason"])?;
         let prompt_tokens = IntCounter::new("phi4mm_prompt_tokens_total", "Prompt tokens of finished requests")?;
@@ -64,7 +65,8 @@ impl Metrics {
         let vllm_running = Gauge::new("vllm:num_requests_running", "Requests in the running batch (vLLM's name, for the inference gateway)")?;
         let vllm_waiting = Gauge::new("vllm:num_requests_waiting", "Requests waiting (vLLM's name, for the inference gateway)")?;
         let vllm_kv = Gauge::new("vllm:kv_cache_usage_perc", "KV cache use, 0 to 1 (vLLM's name, for the inference gateway)")?;
-        let lora_info = GaugeVec::new(Opts::new("vllm:lora_requests_info", "Adapters running and waiting; the value is the time of the update"), &["running_lora_adapters", "waiting_lora_adapters", "max_lora"])?;
+        let lora_info =
+            GaugeVec::new(Opts::new("vllm:lora_requests_info", "Adapters running and waiting; the value is the time of the update"), &["running_lora_adapters", "waiting_lora_adapters", "max_lora"])?;
         let grammar_masks = IntGauge::new("phi4mm_grammar_masks_total", "Grammar token masks computed (structured output)")?;
         let grammar_seconds = Gauge::new("phi4mm_grammar_mask_seconds_total", "CPU time spent computing grammar token masks")?;
         for c in [&http_requests, &finished] {
@@ -81,7 +83,26 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
         }
         registry.register(Box::new(lora_info.clone()))?;
-        Ok(Metrics { registry, http_requests, finished, ttft, itl, e2e, prompt_tokens, generation_tokens, media_encode, running, waiting, kv_usage, vllm_running, vllm_waiting, vllm_kv, lora_info, grammar_masks, grammar_seconds })
+        Ok(Metrics {
+            registry,
+            http_requests,
+            finished,
+            ttft,
+            itl,
+            e2e,
+            prompt_tokens,
+            generation_tokens,
+            media_encode,
+            running,
+            waiting,
+            kv_usage,
+            vllm_running,
+            vllm_waiting,
+            vllm_kv,
+            lora_info,
+            grammar_masks,
+            grammar_seconds,
+        })
     }
 
     /// The gauges as of now, then every series as text.

@@ -41,19 +41,21 @@ impl ChoiceState {
     /// Takes `piece` in and gives the content that may go out now: everything, or with tools
     /// everything before a (possibly partial) `<|tool_call|>`.
     fn take(&mut self, piece: &str, tools: bool) -> String {
+        if !tools {
+            // Nothing is held: the text need not be kept.
+            self.sent += piece.len();
+            return piece.to_string();
+        }
+        let base = self.sent;
         self.text.push_str(piece);
-        let upto = if !tools {
-            self.text.len()
-        } else if self.in_call {
+        let upto = if self.in_call {
             self.sent
-        } else if let Some(p) = self.text.find(CALL_OPEN) {
+        } else if let Some(p) = self.text[base..].find(CALL_OPEN) {
+            // Only the unsent tail can hold the tag's start (the rest went out as content).
             self.in_call = true;
-            p
+            base + p
         } else {
-            let held = (1..CALL_OPEN.len())
-                .rev()
-                .find(|&k| self.text.ends_with(&CALL_OPEN[..k]))
-                .unwrap_or(0);
+            let held = (1..CALL_OPEN.len()).rev().find(|&k| self.text.ends_with(&CALL_OPEN[..k])).unwrap_or(0);
             self.text.len() - held
         };
         let out = self.text.get(self.sent..upto).unwrap_or("").to_string();
@@ -79,11 +81,7 @@ struct Chunker {
 
 impl Chunker {
     fn chunk(&self, choices: Value, usage_v: Value) -> Sse {
-        let object = if self.api == Api::Chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
+        let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
         let body = json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices, "usage": usage_v});
         Sse::default().data(body.to_string())
     }
@@ -106,19 +104,11 @@ impl Chunker {
                 self.states[i].tokens += 1;
                 let content = self.states[i].take(&text, self.tools);
                 if !content.is_empty() || self.logprobs {
-                    let lp = self
-                        .logprobs
-                        .then(|| logprobs(&self.ready, self.api, std::slice::from_ref(&token)));
-                    out.push(
-                        self.chunk(json!([piece(self.api, i, &content, lp, None)]), Value::Null),
-                    );
+                    let lp = self.logprobs.then(|| logprobs(&self.ready, self.api, std::slice::from_ref(&token)));
+                    out.push(self.chunk(json!([piece(self.api, i, &content, lp, None)]), Value::Null));
                 }
             }
-            Event::Done { completion: c, .. }
-            | Event::Cancelled {
-                completion: Some(c),
-                ..
-            } => {
+            Event::Done { completion: c, .. } | Event::Cancelled { completion: Some(c), .. } => {
                 out.extend(self.ending(i, &c));
                 let s = &mut self.states[i];
                 (s.tokens, s.cached, s.ended) = (c.tokens.len(), c.cached_tokens, true);
@@ -130,9 +120,7 @@ impl Chunker {
                 self.states[i].ended = true;
                 out.push(Sse::default().data(ApiError::from(error).body().to_string()));
             }
-            Event::Cancelled {
-                completion: None, ..
-            } => self.states[i].ended = true,
+            Event::Cancelled { completion: None, .. } => self.states[i].ended = true,
             Event::Progress { .. } => {}
         }
         if self.states.iter().all(|s| s.ended) && !out.is_empty() {
@@ -153,40 +141,24 @@ impl Chunker {
     /// in pieces), and the finish reason.
     fn ending(&self, i: usize, c: &Completion) -> Vec<Sse> {
         let sent = self.states[i].sent;
-        let calls = if self.tools {
-            tools::parse_calls(&c.text)
-        } else {
-            None
-        };
+        let calls = if self.tools { tools::parse_calls(&c.text) } else { None };
         let Some((content, calls)) = calls else {
             let tail = c.text.get(sent..).unwrap_or("");
-            let finish = if c.finish_reason == FinishReason::Stop {
-                "stop"
-            } else {
-                "length"
-            };
-            return vec![self.chunk(
-                json!([piece(self.api, i, tail, None, Some(finish))]),
-                Value::Null,
-            )];
+            let finish = if c.finish_reason == FinishReason::Stop { "stop" } else { "length" };
+            return vec![self.chunk(json!([piece(self.api, i, tail, None, Some(finish))]), Value::Null)];
         };
         let mut out = Vec::new();
         if let Some(rest) = content.get(sent..).filter(|r| !r.is_empty()) {
             out.push(self.chunk(json!([piece(self.api, i, rest, None, None)]), Value::Null));
         }
-        let delta = |d: Value| {
-            self.chunk(json!([{"index": i, "delta": {"tool_calls": [d]}, "logprobs": null, "finish_reason": null}]), Value::Null)
-        };
+        let delta = |d: Value| self.chunk(json!([{"index": i, "delta": {"tool_calls": [d]}, "logprobs": null, "finish_reason": null}]), Value::Null);
         for (k, call) in calls.iter().enumerate() {
             out.push(delta(json!({"index": k, "id": tools::call_id(), "type": "function", "function": {"name": call.name, "arguments": ""}})));
             for frag in fragments(&call.arguments, 24) {
                 out.push(delta(json!({"index": k, "function": {"arguments": frag}})));
             }
         }
-        out.push(self.chunk(
-            json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]),
-            Value::Null,
-        ));
+        out.push(self.chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": "tool_calls"}]), Value::Null));
         out
     }
 }
@@ -207,25 +179,10 @@ fn fragments(s: &str, n: usize) -> Vec<&str> {
 }
 
 pub fn sse(ready: Ready, sub: Submitted, include_usage: bool) -> Response {
-    let Submitted {
-        api,
-        id,
-        created,
-        model,
-        logprobs,
-        prompt_tokens,
-        echo,
-        tools,
-        choices,
-    } = sub;
+    let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, tools, choices } = sub;
     let n = choices.len();
     let (tickets, receivers): (Vec<_>, Vec<_>) = choices.into_iter().unzip();
-    let tagged = receivers.into_iter().enumerate().map(|(i, rx)| {
-        stream::unfold(rx, move |mut rx| async move {
-            rx.recv().await.map(|e| ((i, e), rx))
-        })
-        .boxed()
-    });
+    let tagged = receivers.into_iter().enumerate().map(|(i, rx)| stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|e| ((i, e), rx)) }).boxed());
     let mut chunker = Chunker {
         ready,
         api,
@@ -240,33 +197,19 @@ pub fn sse(ready: Ready, sub: Submitted, include_usage: bool) -> Response {
         tickets: tickets.into_iter().map(Some).collect(),
     };
     let head = chunker.head(echo.as_deref());
-    let body = stream::select_all(tagged)
-        .map(move |(i, e)| stream::iter(chunker.on(i, e).into_iter().map(Ok::<Sse, Infallible>)))
-        .flatten();
+    let body = stream::select_all(tagged).map(move |(i, e)| stream::iter(chunker.on(i, e).into_iter().map(Ok::<Sse, Infallible>))).flatten();
     sse_response(stream::iter(head.into_iter().map(Ok::<Sse, Infallible>)).chain(body))
 }
 
 pub fn sse_response(s: impl Stream<Item = Result<Sse, Infallible>> + Send + 'static) -> Response {
-    axum::response::Sse::new(s)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
-        .into_response()
+    axum::response::Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))).into_response()
 }
 
 /// One streamed choice: a delta (chat) or a text piece (completions).
-fn piece(
-    api: Api,
-    index: usize,
-    text: &str,
-    logprobs: Option<Value>,
-    finish: Option<&str>,
-) -> Value {
+fn piece(api: Api, index: usize, text: &str, logprobs: Option<Value>, finish: Option<&str>) -> Value {
     match api {
         Api::Chat => {
-            let delta = if text.is_empty() && finish.is_some() {
-                json!({})
-            } else {
-                json!({"content": text})
-            };
+            let delta = if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) };
             json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         }
         Api::Completions => {

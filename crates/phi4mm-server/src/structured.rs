@@ -22,64 +22,33 @@ pub enum Constraint {
 }
 
 /// The request's constraint from `response_format` and the tools.
-pub fn constraint(
-    response_format: Option<&Value>,
-    tools: Option<&Tools>,
-) -> ApiResult<Option<Constraint>> {
+pub fn constraint(response_format: Option<&Value>, tools: Option<&Tools>) -> ApiResult<Option<Constraint>> {
     let from_tools = tools.and_then(Tools::grammar).map(Constraint::Lark);
     let from_format = match response_format {
         None | Some(Value::Null) => None,
         Some(f) => format_schema(f)?.map(Constraint::Schema),
     };
     match (from_tools, from_format) {
-        (Some(_), Some(_)) => Err(ApiError::bad_param(
-            "response_format",
-            "`response_format` cannot be combined with a forced `tool_choice`",
-        )),
+        (Some(_), Some(_)) => Err(ApiError::bad_param("response_format", "`response_format` cannot be combined with a forced `tool_choice`")),
         (t, f) => Ok(t.or(f)),
     }
 }
 
 /// The JSON schema a `response_format` asks for (`None` for `text`).
 fn format_schema(f: &Value) -> ApiResult<Option<Value>> {
-    let kind = f.get("type").and_then(Value::as_str).ok_or_else(|| {
-        ApiError::bad_param(
-            "response_format.type",
-            "`response_format` needs a `type`: text, json_object or json_schema",
-        )
-    })?;
+    let kind = f.get("type").and_then(Value::as_str).ok_or_else(|| ApiError::bad_param("response_format.type", "`response_format` needs a `type`: text, json_object or json_schema"))?;
     let schema = match kind {
         "text" => return Ok(None),
-        "json_object" => f
-            .get("schema")
-            .cloned()
-            .unwrap_or_else(|| json!({"type": "object"})),
+        "json_object" => f.get("schema").cloned().unwrap_or_else(|| json!({"type": "object"})),
         "json_schema" => {
-            let js = f.get("json_schema").ok_or_else(|| {
-                ApiError::bad_param(
-                    "response_format.json_schema",
-                    "`json_schema` is required when `type` is `json_schema`",
-                )
-            })?;
+            let js = f.get("json_schema").ok_or_else(|| ApiError::bad_param("response_format.json_schema", "`json_schema` is required when `type` is `json_schema`"))?;
             match js.get("schema") {
                 Some(s) if s.is_object() || s.is_boolean() => s.clone(),
-                Some(_) => {
-                    return Err(ApiError::bad_param(
-                        "response_format.json_schema.schema",
-                        "`schema` must be a JSON Schema object",
-                    ))
-                }
+                Some(_) => return Err(ApiError::bad_param("response_format.json_schema.schema", "`schema` must be a JSON Schema object")),
                 None => json!({}),
             }
         }
-        other => {
-            return Err(ApiError::bad_param(
-                "response_format.type",
-                format!(
-                    "`response_format.type` is text, json_object or json_schema, got `{other}`"
-                ),
-            ))
-        }
+        other => return Err(ApiError::bad_param("response_format.type", format!("`response_format.type` is text, json_object or json_schema, got `{other}`"))),
     };
     let mut schema = match schema {
         Value::Bool(true) => json!({}),
@@ -104,17 +73,10 @@ impl Engines {
     pub fn get(&self, ready: &Ready) -> ApiResult<Arc<Grammars>> {
         let built = self.0.get_or_init(|| {
             let e = &ready.engine;
-            let end: Vec<u32> = ["<|end|>", "<|endoftext|>"]
-                .iter()
-                .filter_map(|t| e.tokenizer().token_id(t))
-                .collect();
-            Grammars::new(e.tokenizer(), e.config().vocab_size, &end)
-                .map(Arc::new)
-                .map_err(|e| e.to_string())
+            let end: Vec<u32> = ["<|end|>", "<|endoftext|>"].iter().filter_map(|t| e.tokenizer().token_id(t)).collect();
+            Grammars::new(e.tokenizer(), e.config().vocab_size, &end).map(Arc::new).map_err(|e| e.to_string())
         });
-        built
-            .clone()
-            .map_err(|e| ApiError::internal(format!("the grammar engine could not start: {e}")))
+        built.clone().map_err(|e| ApiError::internal(format!("the grammar engine could not start: {e}")))
     }
 }
 
@@ -124,10 +86,5 @@ pub fn mask(grammars: &Grammars, c: &Constraint) -> ApiResult<MaskHook> {
         Constraint::Schema(s) => (grammars.json_schema(s.clone()), "response_format"),
         Constraint::Lark(g) => (grammars.lark(g), "tools"),
     };
-    r.map_err(|e| {
-        ApiError::bad_param(
-            param,
-            format!("the schema cannot be used for constrained output: {e}"),
-        )
-    })
+    r.map_err(|e| ApiError::bad_param(param, format!("the schema cannot be used for constrained output: {e}")))
 }

@@ -64,20 +64,15 @@ pub struct Tools {
 impl Tools {
     /// The request's `tools`, `tool_choice` and `parallel_tool_calls`; `None` when no tools
     /// are given or the choice is `none` (then nothing is rendered or parsed).
-    pub fn from_request(
-        tools: Option<&Value>,
-        choice: Option<&Value>,
-        parallel: Option<bool>,
-    ) -> ApiResult<Option<Tools>> {
+    pub fn from_request(tools: Option<&Value>, choice: Option<&Value>, parallel: Option<bool>) -> ApiResult<Option<Tools>> {
         let list: Vec<Tool> = match tools {
             None | Some(Value::Null) => Vec::new(),
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| ApiError::bad_param("tools", format!("`tools` must be a list of `{{\"type\": \"function\", \"function\": {{\"name\": …}}}}`: {e}")))?,
+            Some(v) => {
+                serde_json::from_value(v.clone()).map_err(|e| ApiError::bad_param("tools", format!("`tools` must be a list of `{{\"type\": \"function\", \"function\": {{\"name\": …}}}}`: {e}")))?
+            }
         };
         if let Some((i, t)) = list.iter().enumerate().find(|(_, t)| t.kind != "function") {
-            return Err(ApiError::bad_param(
-                format!("tools[{i}].type"),
-                format!("only `function` tools are supported, got `{}`", t.kind),
-            ));
+            return Err(ApiError::bad_param(format!("tools[{i}].type"), format!("only `function` tools are supported, got `{}`", t.kind)));
         }
         let choice = match choice {
             None | Some(Value::Null) => Choice::Auto,
@@ -95,28 +90,18 @@ impl Tools {
         if list.is_empty() {
             return match choice {
                 Choice::None | Choice::Auto => Ok(None),
-                _ => Err(ApiError::bad_param(
-                    "tool_choice",
-                    "`tool_choice` needs `tools`",
-                )),
+                _ => Err(ApiError::bad_param("tool_choice", "`tool_choice` needs `tools`")),
             };
         }
         if let Choice::Named(n) = &choice {
             if !list.iter().any(|t| &t.function.name == n) {
-                return Err(ApiError::bad_param(
-                    "tool_choice",
-                    format!("`tool_choice` names `{n}`, which is not in `tools`"),
-                ));
+                return Err(ApiError::bad_param("tool_choice", format!("`tool_choice` names `{n}`, which is not in `tools`")));
             }
         }
         if choice == Choice::None {
             return Ok(None);
         }
-        Ok(Some(Tools {
-            tools: list,
-            choice,
-            parallel: parallel.unwrap_or(true),
-        }))
+        Ok(Some(Tools { tools: list, choice, parallel: parallel.unwrap_or(true) }))
     }
 
     /// The model card's tool list: `[{"name", "description", "parameters"}]`, dumped as Python's json.dumps.
@@ -130,10 +115,7 @@ impl Tools {
                 if let Some(d) = &t.function.description {
                     o.insert("description".into(), json!(d));
                 }
-                o.insert(
-                    "parameters".into(),
-                    t.function.parameters.clone().unwrap_or_else(|| json!({})),
-                );
+                o.insert("parameters".into(), t.function.parameters.clone().unwrap_or_else(|| json!({})));
                 Value::Object(o)
             })
             .collect();
@@ -159,11 +141,7 @@ impl Tools {
     pub fn grammar(&self) -> Option<String> {
         let tools: Vec<&Tool> = match &self.choice {
             Choice::Required => self.tools.iter().collect(),
-            Choice::Named(n) => self
-                .tools
-                .iter()
-                .filter(|t| &t.function.name == n)
-                .collect(),
+            Choice::Named(n) => self.tools.iter().filter(|t| &t.function.name == n).collect(),
             Choice::None | Choice::Auto => return None,
         };
         let calls: Vec<Value> = tools
@@ -204,18 +182,13 @@ pub fn with_past_calls(text: &str, calls: &[PastCall]) -> String {
         .iter()
         .map(|c| {
             let args = match &c.function.arguments {
-                Value::String(s) => {
-                    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
-                }
+                Value::String(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
                 v => v.clone(),
             };
             json!({"name": c.function.name, "arguments": args})
         })
         .collect();
-    format!(
-        "{text}{CALL_OPEN}{}{CALL_CLOSE}",
-        python_json(&Value::Array(list))
-    )
+    format!("{text}{CALL_OPEN}{}{CALL_CLOSE}", python_json(&Value::Array(list)))
 }
 
 /// A call parsed from the model's output.
@@ -262,11 +235,7 @@ fn parse_block(s: &str) -> Option<Vec<ParsedCall>> {
 fn parse_one(v: &Value) -> Option<ParsedCall> {
     let o = v.get("function").filter(|f| f.is_object()).unwrap_or(v);
     let name = o.get("name")?.as_str()?.to_string();
-    let args = o
-        .get("arguments")
-        .or_else(|| o.get("parameters"))
-        .cloned()
-        .unwrap_or_else(|| json!({}));
+    let args = o.get("arguments").or_else(|| o.get("parameters")).cloned().unwrap_or_else(|| json!({}));
     let arguments = match args {
         Value::String(s) => s,
         v => v.to_string(),
@@ -276,10 +245,7 @@ fn parse_one(v: &Value) -> Option<ParsedCall> {
 
 /// OpenAI's `tool_calls` entries for `calls`, with fresh ids.
 pub fn openai_calls(calls: &[ParsedCall]) -> Vec<Value> {
-    calls
-        .iter()
-        .map(|c| json!({"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
-        .collect()
+    calls.iter().map(|c| json!({"id": call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect()
 }
 
 pub fn call_id() -> String {
@@ -296,29 +262,11 @@ mod tests {
         let t = r#"Sure.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "t", "parameters": {}}]<|/tool_call|>"#;
         let (pre, calls) = parse_calls(t).unwrap();
         assert_eq!(pre, "Sure.");
-        assert_eq!(
-            calls,
-            vec![
-                ParsedCall {
-                    name: "get_weather".into(),
-                    arguments: r#"{"city":"Paris"}"#.into()
-                },
-                ParsedCall {
-                    name: "t".into(),
-                    arguments: "{}".into()
-                },
-            ]
-        );
+        assert_eq!(calls, vec![ParsedCall { name: "get_weather".into(), arguments: r#"{"city":"Paris"}"#.into() }, ParsedCall { name: "t".into(), arguments: "{}".into() },]);
         let o = r#"<|tool_call|>{"type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}<|/tool_call|>"#;
         assert_eq!(parse_calls(o).unwrap().1[0].arguments, r#"{"a": 1}"#);
         // No closing tag (cut by max_tokens after a whole list) still parses.
-        assert_eq!(
-            parse_calls(r#"<|tool_call|>[{"name": "f", "arguments": {}}]"#)
-                .unwrap()
-                .1
-                .len(),
-            1
-        );
+        assert_eq!(parse_calls(r#"<|tool_call|>[{"name": "f", "arguments": {}}]"#).unwrap().1.len(), 1);
     }
 
     #[test]
@@ -332,48 +280,19 @@ mod tests {
     #[test]
     fn choices_are_checked() {
         let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
-        assert!(
-            Tools::from_request(Some(&tools), Some(&json!("none")), None)
-                .unwrap()
-                .is_none()
-        );
-        let t = Tools::from_request(
-            Some(&tools),
-            Some(&json!({"type": "function", "function": {"name": "f"}})),
-            None,
-        )
-        .unwrap()
-        .unwrap();
+        assert!(Tools::from_request(Some(&tools), Some(&json!("none")), None).unwrap().is_none());
+        let t = Tools::from_request(Some(&tools), Some(&json!({"type": "function", "function": {"name": "f"}})), None).unwrap().unwrap();
         assert_eq!(t.choice, Choice::Named("f".into()));
         assert!(t.grammar().unwrap().contains("\"maxItems\":1"));
-        assert!(Tools::from_request(
-            Some(&tools),
-            Some(&json!({"type": "function", "function": {"name": "g"}})),
-            None
-        )
-        .is_err());
+        assert!(Tools::from_request(Some(&tools), Some(&json!({"type": "function", "function": {"name": "g"}})), None).is_err());
         assert!(Tools::from_request(None, Some(&json!("required")), None).is_err());
         assert!(Tools::from_request(Some(&json!([{"type": "retrieval"}])), None, None).is_err());
-        assert_eq!(
-            Tools::from_request(Some(&tools), None, None)
-                .unwrap()
-                .unwrap()
-                .render(),
-            r#"[{"name": "f", "parameters": {"type": "object"}}]"#
-        );
+        assert_eq!(Tools::from_request(Some(&tools), None, None).unwrap().unwrap().render(), r#"[{"name": "f", "parameters": {"type": "object"}}]"#);
     }
 
     #[test]
     fn past_calls_are_written_back() {
-        let calls = vec![PastCall {
-            function: PastFunction {
-                name: "f".into(),
-                arguments: json!("{\"a\": 1}"),
-            },
-        }];
-        assert_eq!(
-            with_past_calls("", &calls),
-            r#"<|tool_call|>[{"name": "f", "arguments": {"a": 1}}]<|/tool_call|>"#
-        );
+        let calls = vec![PastCall { function: PastFunction { name: "f".into(), arguments: json!("{\"a\": 1}") } }];
+        assert_eq!(with_past_calls("", &calls), r#"<|tool_call|>[{"name": "f", "arguments": {"a": 1}}]<|/tool_call|>"#);
     }
 }

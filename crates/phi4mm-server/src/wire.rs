@@ -139,13 +139,7 @@ pub struct Limits {
 pub fn model_mode(model: Option<&str>, served: &str) -> ApiResult<Option<Mode>> {
     match model {
         None => Ok(None),
-        Some(m)
-            if m == served
-                || m == "phi4mm"
-                || m.eq_ignore_ascii_case("microsoft/Phi-4-multimodal-instruct") =>
-        {
-            Ok(None)
-        }
+        Some(m) if m == served || m == "phi4mm" || m.eq_ignore_ascii_case("microsoft/Phi-4-multimodal-instruct") => Ok(None),
         Some("vision") => Ok(Some(Mode::Vision)),
         Some("speech") => Ok(Some(Mode::Speech)),
         Some(m) => Err(ApiError::model_not_found(m, served)),
@@ -155,33 +149,17 @@ pub fn model_mode(model: Option<&str>, served: &str) -> ApiResult<Option<Mode>> 
 /// The chat messages as the library's messages and media: each message's parts joined in
 /// order with nothing between them, a media part standing where its `<|image_N|>` /
 /// `<|audio_N|>` marker goes (N counted over the conversation), as the CLI writes them.
-pub fn chat_prompt(
-    messages: &[ChatMessage],
-    limits: &Limits,
-) -> ApiResult<(Vec<Message>, Vec<Named>, Vec<Named>)> {
+pub fn chat_prompt(messages: &[ChatMessage], limits: &Limits) -> ApiResult<(Vec<Message>, Vec<Named>, Vec<Named>)> {
     if messages.is_empty() {
-        return Err(ApiError::bad_param(
-            "messages",
-            "`messages` must hold at least one message",
-        ));
+        return Err(ApiError::bad_param("messages", "`messages` must hold at least one message"));
     }
     let (mut images, mut audios) = (Vec::new(), Vec::new());
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "developer" | "user" | "assistant" | "tool"
-        ) {
-            return Err(ApiError::bad_param(
-                format!("messages[{i}].role"),
-                format!("unknown role `{}` (system, user, assistant, tool)", m.role),
-            ));
+        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(ApiError::bad_param(format!("messages[{i}].role"), format!("unknown role `{}` (system, user, assistant, tool)", m.role)));
         }
-        let role = if m.role == "developer" {
-            "system"
-        } else {
-            m.role.as_str()
-        };
+        let role = if m.role == "developer" { "system" } else { m.role.as_str() };
         let mut text = String::new();
         match &m.content {
             None => {}
@@ -214,13 +192,7 @@ pub fn chat_prompt(
     if images.len() > limits.images || audios.len() > limits.audios {
         return Err(ApiError::bad_param(
             "messages",
-            format!(
-                "{} images and {} audios in one request; this server allows at most {} and {} (--limit-mm-per-prompt)",
-                images.len(),
-                audios.len(),
-                limits.images,
-                limits.audios
-            ),
+            format!("{} images and {} audios in one request; this server allows at most {} and {} (--limit-mm-per-prompt)", images.len(), audios.len(), limits.images, limits.audios),
         ));
     }
     Ok((out, images, audios))
@@ -233,12 +205,7 @@ impl GenParams {
         let mut r = GenerateRequest::new(prompt);
         let max = self.max_completion_tokens.or(self.max_tokens);
         r.max_new_tokens = match max {
-            Some(0) => {
-                return Err(ApiError::bad_param(
-                    "max_tokens",
-                    "`max_tokens` must be at least 1",
-                ))
-            }
+            Some(0) => return Err(ApiError::bad_param("max_tokens", "`max_tokens` must be at least 1")),
             Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
             None => limits.default_max_tokens,
         };
@@ -246,19 +213,12 @@ impl GenParams {
         r.stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
-            Some(Stop::Many(v)) if v.len() > 4 => {
-                return Err(ApiError::bad_param("stop", "at most 4 stop sequences"))
-            }
+            Some(Stop::Many(v)) if v.len() > 4 => return Err(ApiError::bad_param("stop", "at most 4 stop sequences")),
             Some(Stop::Many(v)) => v.clone(),
         };
         r.stop.retain(|s| !s.is_empty());
         r.top_logprobs = match self.top_logprobs {
-            Some(k) if k > 20 => {
-                return Err(ApiError::bad_param(
-                    "top_logprobs",
-                    "`top_logprobs` must be between 0 and 20",
-                ))
-            }
+            Some(k) if k > 20 => return Err(ApiError::bad_param("top_logprobs", "`top_logprobs` must be between 0 and 20")),
             Some(k) => k as usize,
             None => 0,
         };
@@ -270,51 +230,31 @@ impl GenParams {
     pub fn choices(&self, limits: &Limits) -> ApiResult<usize> {
         match self.n.unwrap_or(1) {
             0 => Err(ApiError::bad_param("n", "`n` must be at least 1")),
-            n if n as usize > limits.n => Err(ApiError::bad_param(
-                "n",
-                format!("`n` is at most {} on this server", limits.n),
-            )),
+            n if n as usize > limits.n => Err(ApiError::bad_param("n", format!("`n` is at most {} on this server", limits.n))),
             n => Ok(n as usize),
         }
     }
 
     /// OpenAI's defaults where the client is silent (temperature 1, top-p 1; a fresh seed).
     fn sampling(&self) -> ApiResult<SamplingParams> {
-        let range =
-            |name: &str, v: Option<f32>, lo: f32, hi: f32, default: f32| -> ApiResult<f32> {
-                let v = v.unwrap_or(default);
-                if v.is_finite() && (lo..=hi).contains(&v) {
-                    Ok(v)
-                } else {
-                    Err(ApiError::bad_param(
-                        name,
-                        format!("`{name}` must be between {lo} and {hi}, got {v}"),
-                    ))
-                }
-            };
+        let range = |name: &str, v: Option<f32>, lo: f32, hi: f32, default: f32| -> ApiResult<f32> {
+            let v = v.unwrap_or(default);
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(ApiError::bad_param(name, format!("`{name}` must be between {lo} and {hi}, got {v}")))
+            }
+        };
         let top_k = match self.top_k.unwrap_or(0) {
             -1 | 0 => 0,
             k if k > 0 => k as usize,
-            k => {
-                return Err(ApiError::bad_param(
-                    "top_k",
-                    format!("`top_k` must be -1, 0 or positive, got {k}"),
-                ))
-            }
+            k => return Err(ApiError::bad_param("top_k", format!("`top_k` must be -1, 0 or positive, got {k}"))),
         };
         let mut logit_bias = Vec::new();
         for (k, &v) in self.logit_bias.iter().flatten() {
-            let id: u32 = k.parse().map_err(|_| {
-                ApiError::bad_param(
-                    "logit_bias",
-                    format!("`logit_bias` keys are token ids, got `{k}`"),
-                )
-            })?;
+            let id: u32 = k.parse().map_err(|_| ApiError::bad_param("logit_bias", format!("`logit_bias` keys are token ids, got `{k}`")))?;
             if !(-100.0..=100.0).contains(&v) {
-                return Err(ApiError::bad_param(
-                    "logit_bias",
-                    format!("`logit_bias` values are between -100 and 100, got {v}"),
-                ));
+                return Err(ApiError::bad_param("logit_bias", format!("`logit_bias` values are between -100 and 100, got {v}")));
             }
             logit_bias.push((id, v));
         }
@@ -326,13 +266,7 @@ impl GenParams {
             min_p: range("min_p", self.min_p, 0.0, 1.0, 0.0)?,
             presence_penalty: range("presence_penalty", self.presence_penalty, -2.0, 2.0, 0.0)?,
             frequency_penalty: range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, 0.0)?,
-            repetition_penalty: range(
-                "repetition_penalty",
-                self.repetition_penalty,
-                0.01,
-                10.0,
-                1.0,
-            )?,
+            repetition_penalty: range("repetition_penalty", self.repetition_penalty, 0.01, 10.0, 1.0)?,
             logit_bias,
             seed: self.seed.unwrap_or_else(rand::random),
         })

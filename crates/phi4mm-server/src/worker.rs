@@ -19,12 +19,7 @@ use crate::metrics::Metrics;
 
 /// What the handlers ask of the worker.
 enum Command {
-    Submit {
-        req: Box<GenerateRequest>,
-        prepared: Box<Prepared>,
-        events: tmpsc::UnboundedSender<Event>,
-        reply: oneshot::Sender<phi4mm::Result<RequestId>>,
-    },
+    Submit { req: Box<GenerateRequest>, prepared: Box<Prepared>, events: tmpsc::UnboundedSender<Event>, reply: oneshot::Sender<phi4mm::Result<RequestId>> },
     Cancel(RequestId),
 }
 

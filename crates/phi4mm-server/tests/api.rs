@@ -16,28 +16,14 @@ mod common;
 use common::{call, data_uri, engine, fixtures, post, sse_data, state};
 
 /// The library's answer for one user message with markers and media (what the CLI runs).
-fn library(
-    engine: &Engine,
-    text: &str,
-    images: &[&str],
-    audios: &[&str],
-    max: usize,
-) -> phi4mm::Completion {
+fn library(engine: &Engine, text: &str, images: &[&str], audios: &[&str], max: usize) -> phi4mm::Completion {
     let mut r = GenerateRequest::new(PromptInput::Chat(vec![Message::new("user", text)]));
-    r.images = images
-        .iter()
-        .map(|f| MediaInput::Path(fixtures().join(f)))
-        .collect();
-    r.audios = audios
-        .iter()
-        .map(|f| MediaInput::Path(fixtures().join(f)))
-        .collect();
+    r.images = images.iter().map(|f| MediaInput::Path(fixtures().join(f))).collect();
+    r.audios = audios.iter().map(|f| MediaInput::Path(fixtures().join(f))).collect();
     r.max_new_tokens = max;
     r.ignore_eos = true;
     r.top_logprobs = 2;
-    engine
-        .generate(&r, |_| true)
-        .expect("the library generates")
+    engine.generate(&r, |_| true).expect("the library generates")
 }
 
 fn greedy(content: Value, max: usize) -> Value {
@@ -46,13 +32,7 @@ fn greedy(content: Value, max: usize) -> Value {
 }
 
 fn lp_bits(v: &Value) -> Vec<u32> {
-    v["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .map_or(Vec::new(), |c| {
-            c.iter()
-                .map(|t| (t["logprob"].as_f64().unwrap_or(0.0) as f32).to_bits())
-                .collect()
-        })
+    v["choices"][0]["logprobs"]["content"].as_array().map_or(Vec::new(), |c| c.iter().map(|t| (t["logprob"].as_f64().unwrap_or(0.0) as f32).to_bits()).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,12 +40,7 @@ async fn chat_answers_equal_the_library_for_text_image_and_audio() {
     let engine = engine();
     let app = router(state(&engine, ServerConfig::default()));
     let cases: Vec<(Value, &str, Vec<&str>, Vec<&str>)> = vec![
-        (
-            json!("Tell me about Rust."),
-            "Tell me about Rust.",
-            vec![],
-            vec![],
-        ),
+        (json!("Tell me about Rust."), "Tell me about Rust.", vec![], vec![]),
         (
             json!([{"type": "image_url", "image_url": {"url": data_uri("images/wide_500x300.png", "image/png")}}, {"type": "text", "text": "What is shown?"}]),
             "<|image_1|>What is shown?",
@@ -89,11 +64,7 @@ async fn chat_answers_equal_the_library_for_text_image_and_audio() {
         let (s, v) = post(&app, "/v1/chat/completions", greedy(content, 8)).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         let want = library(&engine, text, &images, &audios, 8);
-        assert_eq!(
-            v["choices"][0]["message"]["content"],
-            json!(want.text),
-            "{text}"
-        );
+        assert_eq!(v["choices"][0]["message"]["content"], json!(want.text), "{text}");
         let bits: Vec<u32> = want.logprobs.iter().map(|t| t.logprob.to_bits()).collect();
         assert_eq!(lp_bits(&v), bits, "{text}: the same log-probabilities");
         assert_eq!(v["object"], "chat.completion");
@@ -109,11 +80,7 @@ async fn chat_answers_equal_the_library_for_text_image_and_audio() {
             .filter_map(|b| b.as_u64().map(|b| b as u8))
             .collect();
         // (A random model may emit a broken UTF-8 sequence: the text has U+FFFD, the bytes are exact.)
-        assert_eq!(
-            String::from_utf8_lossy(&bytes),
-            want.text,
-            "{text}: logprob bytes"
-        );
+        assert_eq!(String::from_utf8_lossy(&bytes), want.text, "{text}: logprob bytes");
     }
 }
 
@@ -127,69 +94,32 @@ async fn a_stream_reassembles_into_the_whole_answer() {
     req["stream_options"] = json!({"include_usage": true});
     let (s, body, headers) = call(&app, "POST", "/v1/chat/completions", Some(req), None).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(headers["content-type"]
-        .to_str()
-        .unwrap_or("")
-        .starts_with("text/event-stream"));
+    assert!(headers["content-type"].to_str().unwrap_or("").starts_with("text/event-stream"));
     let data = sse_data(&body);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).expect("JSON chunks"))
-        .collect();
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("JSON chunks")).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let id = &chunks[0]["id"];
-    assert!(chunks
-        .iter()
-        .all(|c| &c["id"] == id && c["object"] == "chat.completion.chunk"));
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(
-        text,
-        whole["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap_or("?")
-    );
+    assert!(chunks.iter().all(|c| &c["id"] == id && c["object"] == "chat.completion.chunk"));
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap_or("?"));
     let usage = chunks.last().expect("a usage chunk");
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"], whole["usage"]);
-    let finishes: Vec<&Value> = chunks
-        .iter()
-        .map(|c| &c["choices"][0]["finish_reason"])
-        .filter(|f| !f.is_null())
-        .collect();
+    let finishes: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["finish_reason"]).filter(|f| !f.is_null()).collect();
     assert_eq!(finishes, vec![&json!("length")]);
-    let bits: Vec<u32> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["logprobs"]["content"][0]["logprob"].as_f64())
-        .map(|l| (l as f32).to_bits())
-        .collect();
-    assert_eq!(
-        bits,
-        lp_bits(&whole),
-        "streamed logprobs equal the whole answer's"
-    );
+    let bits: Vec<u32> = chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["content"][0]["logprob"].as_f64()).map(|l| (l as f32).to_bits()).collect();
+    assert_eq!(bits, lp_bits(&whole), "streamed logprobs equal the whole answer's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_get_their_solo_answers() {
     let engine = engine();
     let app = router(state(&engine, ServerConfig::default()));
-    let prompts = [
-        "Tell me about Rust.",
-        "Write a poem.",
-        "Say hello.",
-        "Count to five.",
-    ];
+    let prompts = ["Tell me about Rust.", "Write a poem.", "Say hello.", "Count to five."];
     let mut solo = Vec::new();
     for p in prompts {
-        solo.push(
-            post(&app, "/v1/chat/completions", greedy(json!(p), 10))
-                .await
-                .1,
-        );
+        solo.push(post(&app, "/v1/chat/completions", greedy(json!(p), 10)).await.1);
     }
     let mut sampled = greedy(json!("Say hello."), 10);
     sampled["temperature"] = json!(0.9);
@@ -198,11 +128,7 @@ async fn concurrent_clients_get_their_solo_answers() {
     let mut tasks = Vec::new();
     for p in prompts {
         let app = app.clone();
-        tasks.push(tokio::spawn(async move {
-            post(&app, "/v1/chat/completions", greedy(json!(p), 10))
-                .await
-                .1
-        }));
+        tasks.push(tokio::spawn(async move { post(&app, "/v1/chat/completions", greedy(json!(p), 10)).await.1 }));
     }
     let app2 = app.clone();
     let s2 = sampled.clone();
@@ -211,18 +137,12 @@ async fn concurrent_clients_get_their_solo_answers() {
         let v = t.await.expect("a task");
         assert_eq!(v["choices"], solo[i]["choices"], "client {i}");
     }
-    assert_eq!(
-        sampled_task.await.expect("a task")["choices"],
-        sampled_solo["choices"]
-    );
+    assert_eq!(sampled_task.await.expect("a task")["choices"], sampled_solo["choices"]);
     // n = 2 with a seed: choice 0 is the seed's answer.
     sampled["n"] = json!(2);
     let (s, v) = post(&app, "/v1/chat/completions", sampled).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(
-        v["choices"][0]["message"],
-        sampled_solo["choices"][0]["message"]
-    );
+    assert_eq!(v["choices"][0]["message"], sampled_solo["choices"][0]["message"]);
     assert_eq!(v["choices"].as_array().map(Vec::len), Some(2));
     assert_eq!(v["usage"]["completion_tokens"], json!(20));
 }
@@ -233,61 +153,26 @@ async fn models_health_tokenize_and_completions() {
     let loading = AppState::loading(ServerConfig::default()).expect("metrics");
     let (s, b, _) = call(&router(loading.clone()), "GET", "/health", None, None).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        serde_json::from_slice::<Value>(&b).expect("an error body")["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("loading")
-    );
-    loading
-        .set_ready(engine.clone(), common::sched(8, 16))
-        .expect("ready");
+    assert!(serde_json::from_slice::<Value>(&b).expect("an error body")["error"]["message"].as_str().unwrap_or("").contains("loading"));
+    loading.set_ready(engine.clone(), common::sched(8, 16)).expect("ready");
     let app = router(loading);
     let (s, b, _) = call(&app, "GET", "/health", None, None).await;
-    assert_eq!(
-        (s, serde_json::from_slice::<Value>(&b).ok()),
-        (StatusCode::OK, Some(json!({"status": "ok"})))
-    );
+    assert_eq!((s, serde_json::from_slice::<Value>(&b).ok()), (StatusCode::OK, Some(json!({"status": "ok"}))));
     let (s, b, _) = call(&app, "GET", "/v1/models", None, None).await;
     let v: Value = serde_json::from_slice(&b).expect("JSON");
     assert_eq!(s, StatusCode::OK);
-    let ids: Vec<&str> = v["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    assert_eq!(
-        ids,
-        vec!["microsoft/Phi-4-multimodal-instruct", "vision", "speech"]
-    );
+    let ids: Vec<&str> = v["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, vec!["microsoft/Phi-4-multimodal-instruct", "vision", "speech"]);
     let (s, v) = post(&app, "/tokenize", json!({"prompt": "Hello world"})).await;
     assert_eq!(s, StatusCode::OK);
     let ids = v["tokens"].clone();
-    assert_eq!(
-        ids,
-        json!(engine.tokenizer().encode("Hello world").unwrap_or_default())
-    );
+    assert_eq!(ids, json!(engine.tokenizer().encode("Hello world").unwrap_or_default()));
     let (s, v) = post(&app, "/detokenize", json!({"tokens": ids})).await;
-    assert_eq!(
-        (s, v["prompt"].as_str()),
-        (StatusCode::OK, Some("Hello world"))
-    );
-    let (s, v) = post(
-        &app,
-        "/tokenize",
-        json!({"messages": [{"role": "user", "content": "Hi"}]}),
-    )
-    .await;
+    assert_eq!((s, v["prompt"].as_str()), (StatusCode::OK, Some("Hello world")));
+    let (s, v) = post(&app, "/tokenize", json!({"messages": [{"role": "user", "content": "Hi"}]})).await;
     assert_eq!(s, StatusCode::OK);
-    let templ = engine
-        .tokenizer()
-        .apply_chat_template(&[Message::new("user", "Hi")], true)
-        .unwrap_or_default();
-    assert_eq!(
-        v["tokens"],
-        json!(engine.tokenizer().encode(&templ).unwrap_or_default())
-    );
+    let templ = engine.tokenizer().apply_chat_template(&[Message::new("user", "Hi")], true).unwrap_or_default();
+    assert_eq!(v["tokens"], json!(engine.tokenizer().encode(&templ).unwrap_or_default()));
     // The legacy endpoint: a raw prompt, echo, legacy logprobs.
     let (s, v) = post(&app, "/v1/completions", json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "echo": true, "logprobs": 2, "ignore_eos": true})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -295,60 +180,21 @@ async fn models_health_tokenize_and_completions() {
     r.max_new_tokens = 6;
     r.ignore_eos = true;
     let want = engine.generate(&r, |_| true).expect("generates");
-    assert_eq!(
-        v["choices"][0]["text"],
-        json!(format!("Once upon a time{}", want.text))
-    );
+    assert_eq!(v["choices"][0]["text"], json!(format!("Once upon a time{}", want.text)));
     assert_eq!(v["object"], "text_completion");
-    assert_eq!(
-        v["choices"][0]["logprobs"]["tokens"]
-            .as_array()
-            .map(Vec::len),
-        Some(6)
-    );
+    assert_eq!(v["choices"][0]["logprobs"]["tokens"].as_array().map(Vec::len), Some(6));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_key_guards_every_route_but_health() {
     let engine = engine();
-    let app = router(state(
-        &engine,
-        ServerConfig {
-            api_key: Some("sekrit".into()),
-            ..ServerConfig::default()
-        },
-    ));
+    let app = router(state(&engine, ServerConfig { api_key: Some("sekrit".into()), ..ServerConfig::default() }));
     let (s, b, h) = call(&app, "GET", "/v1/models", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        serde_json::from_slice::<Value>(&b).expect("JSON")["error"]["type"],
-        "authentication_error"
-    );
+    assert_eq!(serde_json::from_slice::<Value>(&b).expect("JSON")["error"]["type"], "authentication_error");
     assert!(h.contains_key("www-authenticate"));
-    assert_eq!(
-        call(&app, "GET", "/v1/models", None, Some("wrong")).await.0,
-        StatusCode::UNAUTHORIZED
-    );
-    assert_eq!(
-        call(
-            &app,
-            "POST",
-            "/v1/chat/completions",
-            Some(greedy(json!("Hi"), 2)),
-            None
-        )
-        .await
-        .0,
-        StatusCode::UNAUTHORIZED
-    );
-    assert_eq!(
-        call(&app, "GET", "/v1/models", None, Some("sekrit"))
-            .await
-            .0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        call(&app, "GET", "/health", None, None).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(call(&app, "GET", "/v1/models", None, Some("wrong")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "POST", "/v1/chat/completions", Some(greedy(json!("Hi"), 2)), None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "GET", "/v1/models", None, Some("sekrit")).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "GET", "/health", None, None).await.0, StatusCode::OK);
 }

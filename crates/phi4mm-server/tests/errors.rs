@@ -31,60 +31,29 @@ fn with(mut v: Value, key: &str, val: Value) -> Value {
     v
 }
 
-async fn send(
-    app: &axum::Router,
-    path: &str,
-    body: Body,
-) -> (StatusCode, Value, axum::http::HeaderMap) {
-    let req = Request::builder()
-        .method("POST")
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(body)
-        .expect("a request");
+async fn send(app: &axum::Router, path: &str, body: Body) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let req = Request::builder().method("POST").uri(path).header("content-type", "application/json").body(body).expect("a request");
     let resp = app.clone().oneshot(req).await.expect("an answer");
     let (parts, body) = resp.into_parts();
     let bytes = body.collect().await.expect("a body").to_bytes();
-    (
-        parts.status,
-        serde_json::from_slice(&bytes).unwrap_or(json!({"raw": String::from_utf8_lossy(&bytes)})),
-        parts.headers,
-    )
+    (parts.status, serde_json::from_slice(&bytes).unwrap_or(json!({"raw": String::from_utf8_lossy(&bytes)})), parts.headers)
 }
 
 /// (case, path, body, status, a word the message must hold, the param if any)
-type Case = (
-    &'static str,
-    &'static str,
-    Body,
-    u16,
-    &'static str,
-    Option<&'static str>,
-);
+type Case = (&'static str, &'static str, Body, u16, &'static str, Option<&'static str>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_right_status_and_an_openai_error_body() {
     let engine = engine();
-    let config = ServerConfig {
-        max_body_bytes: 1 << 20,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig { max_body_bytes: 1 << 20, ..ServerConfig::default() };
     let opts = common::sched(4, 8);
     let app = router(AppState::new(config, engine, opts).expect("started"));
     let ok = user(json!("Hi"));
-    let img = |url: String| {
-        user(
-            json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]),
-        )
-    };
+    let img = |url: String| user(json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]));
     let png = std::fs::read(fixtures().join("images/tiny_20x20.png")).expect("a fixture");
     let trunc = png[..png.len() / 2].to_vec();
     let wav = std::fs::read(fixtures().join("audio/speech_1s_16k.wav")).expect("a fixture");
-    let audio = |data: String| {
-        user(
-            json!([{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}, {"type": "text", "text": "Transcribe."}]),
-        )
-    };
+    let audio = |data: String| user(json!([{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}, {"type": "text", "text": "Transcribe."}]));
     let many_images = user(json!((0..9).map(|_| json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", b64(&png))}})).collect::<Vec<_>>()));
     // (case, path, body, status, a word the message must hold, the param if any)
     let chat = "/v1/chat/completions";
@@ -117,9 +86,23 @@ async fn bad_requests_get_the_right_status_and_an_openai_error_body() {
         ("stop a number", chat, Body::from(with(ok.clone(), "stop", json!(5)).to_string()), 400, "invalid request body", None),
         ("logit_bias key not an id", chat, Body::from(with(ok.clone(), "logit_bias", json!({"abc": 1})).to_string()), 400, "logit_bias", Some("logit_bias")),
         ("logit_bias value 500", chat, Body::from(with(ok.clone(), "logit_bias", json!({"12": 500})).to_string()), 400, "logit_bias", Some("logit_bias")),
-        ("tool_choice names no tool", chat, Body::from(with(with(ok.clone(), "tools", json!([{"type": "function", "function": {"name": "f"}}])), "tool_choice", json!({"type": "function", "function": {"name": "g"}})).to_string()), 400, "`g`", Some("tool_choice")),
+        (
+            "tool_choice names no tool",
+            chat,
+            Body::from(with(with(ok.clone(), "tools", json!([{"type": "function", "function": {"name": "f"}}])), "tool_choice", json!({"type": "function", "function": {"name": "g"}})).to_string()),
+            400,
+            "`g`",
+            Some("tool_choice"),
+        ),
         ("tools not function tools", chat, Body::from(with(ok.clone(), "tools", json!([{"type": "retrieval"}])).to_string()), 400, "function", Some("tools")),
-        ("json_schema not a schema", chat, Body::from(with(ok.clone(), "response_format", json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}})).to_string()), 400, "schema", Some("response_format")),
+        (
+            "json_schema not a schema",
+            chat,
+            Body::from(with(ok.clone(), "response_format", json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}})).to_string()),
+            400,
+            "schema",
+            Some("response_format"),
+        ),
         ("response_format type unknown", chat, Body::from(with(ok.clone(), "response_format", json!({"type": "yaml"})).to_string()), 400, "yaml", Some("response_format.type")),
         ("image: not base64", chat, Body::from(img("data:image/png;base64,@@@".into()).to_string()), 400, "base64", Some("messages[0].content[0]")),
         ("image: data URI without base64", chat, Body::from(img("data:image/png,abc".into()).to_string()), 400, "base64", Some("messages[0].content[0]")),
@@ -152,21 +135,13 @@ async fn bad_requests_get_the_right_status_and_an_openai_error_body() {
         let msg = e["message"].as_str().unwrap_or("");
         assert!(msg.contains(word), "{name}: `{msg}` should name `{word}`");
         assert!(e["type"].is_string(), "{name}: {v}");
-        assert!(
-            e.get("param").is_some() && e.get("code").is_some(),
-            "{name}: every field present: {v}"
-        );
+        assert!(e.get("param").is_some() && e.get("code").is_some(), "{name}: every field present: {v}");
         if let Some(p) = param {
             assert_eq!(e["param"], json!(p), "{name}");
         }
     }
     // Unknown fields are tolerated.
-    let (s, v, _) = send(
-        &app,
-        chat,
-        Body::from(with(ok, "frobnicate", json!({"x": 1})).to_string()),
-    )
-    .await;
+    let (s, v, _) = send(&app, chat, Body::from(with(ok, "frobnicate", json!({"x": 1})).to_string())).await;
     assert_eq!(s, StatusCode::OK, "{v}");
 }
 
@@ -185,39 +160,21 @@ async fn a_full_queue_is_503_with_retry_after() {
     // queue empty-but-one, and the second would be refused).
     for want in [(1, 0), (1, 1)] {
         let (app, body) = (app.clone(), long.clone());
-        tasks.push(tokio::spawn(async move {
-            send(&app, "/v1/chat/completions", Body::from(body.to_string()))
-                .await
-                .0
-        }));
+        tasks.push(tokio::spawn(async move { send(&app, "/v1/chat/completions", Body::from(body.to_string())).await.0 }));
         while (worker.load().running, worker.load().waiting) != want {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "want {want:?}: {:?}",
-                worker.load()
-            );
+            assert!(t.elapsed() < Duration::from_secs(10), "want {want:?}: {:?}", worker.load());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     let (s, v, h) = send(&app, "/v1/chat/completions", Body::from(long.to_string())).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"]["code"], "queue_full");
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .contains("busy"));
-    assert_eq!(
-        h.get("retry-after").and_then(|v| v.to_str().ok()),
-        Some("1")
-    );
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("busy"));
+    assert_eq!(h.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     // Both clients give up: their requests leave the scheduler.
     tasks.iter().for_each(|t| t.abort());
     while worker.load().running + worker.load().waiting > 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the abandoned requests are cancelled: {:?}",
-            worker.load()
-        );
+        assert!(t.elapsed() < Duration::from_secs(20), "the abandoned requests are cancelled: {:?}", worker.load());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -227,16 +184,12 @@ async fn a_client_that_hangs_up_is_cancelled_and_others_go_on() {
     let engine = engine();
     let opts = common::sched(4, 8);
     let state = AppState::new(ServerConfig::default(), engine, opts).expect("started");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a loopback port");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
     let addr = listener.local_addr().expect("an address");
     let app = router(state.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     let body = json!({"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 100000, "ignore_eos": true, "stream": true}).to_string();
-    let mut sock = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connects");
     let head = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
     sock.write_all(head.as_bytes()).await.expect("writes");
     sock.write_all(body.as_bytes()).await.expect("writes");
@@ -250,28 +203,18 @@ async fn a_client_that_hangs_up_is_cancelled_and_others_go_on() {
     let ready = state.ready().expect("ready");
     let t = Instant::now();
     while ready.worker.load().running == 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the request is admitted"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "the request is admitted");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(sock);
     let t = Instant::now();
     while ready.worker.load().running > 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the hung-up request leaves the scheduler"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "the hung-up request leaves the scheduler");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The server goes on.
-    let mut s2 = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
-    s2.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("writes");
+    let mut s2 = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    s2.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("writes");
     let mut resp = String::new();
     s2.read_to_string(&mut resp).await.expect("reads");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");

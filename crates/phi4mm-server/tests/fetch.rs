@@ -25,7 +25,16 @@ async fn media_server() -> String {
     let p1 = png.clone();
     let app = axum::Router::new()
         .route("/cat.png", get(move || async move { ([("content-type", "image/png")], p1.clone()).into_response() }))
-        .route("/hop/{n}", get(|Path(n): Path<u32>| async move { if n == 0 { Redirect::temporary("/cat.png") } else { Redirect::temporary(&format!("/hop/{}", n - 1)) } }))
+        .route(
+            "/hop/{n}",
+            get(|Path(n): Path<u32>| async move {
+                if n == 0 {
+                    Redirect::temporary("/cat.png")
+                } else {
+                    Redirect::temporary(&format!("/hop/{}", n - 1))
+                }
+            }),
+        )
         .route("/far", get(|| async { Redirect::temporary("http://localhost.invalid/cat.png") }))
         .route("/big", get(|| async { vec![0u8; 300_000] }));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -47,7 +47,12 @@ async fn ask(client: &reqwest::Client, url: &str, body: &Value) -> (String, usiz
         assert_eq!(status, 200, "{body}");
         let bytes = r.bytes().await.unwrap();
         if body["stream"] == json!(true) {
-            let text: String = sse_data(&bytes).iter().filter(|d| *d != "[DONE]").filter_map(|d| serde_json::from_str::<Value>(d).ok()).filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string)).collect();
+            let text: String = sse_data(&bytes)
+                .iter()
+                .filter(|d| *d != "[DONE]")
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+                .collect();
             return (text, busy);
         }
         let v: Value = serde_json::from_slice(&bytes).unwrap();

@@ -16,15 +16,8 @@ const VOCAB: usize = 200064;
 
 fn setup() -> (Tokenizer, Grammars, [u32; 2]) {
     let dir = common::tiny();
-    let tok = Tokenizer::load(
-        &dir.join("tokenizer.json"),
-        &dir.join("tokenizer_config.json"),
-    )
-    .unwrap();
-    let end = [
-        tok.token_id("<|end|>").unwrap(),
-        tok.token_id("<|endoftext|>").unwrap(),
-    ];
+    let tok = Tokenizer::load(&dir.join("tokenizer.json"), &dir.join("tokenizer_config.json")).unwrap();
+    let end = [tok.token_id("<|end|>").unwrap(), tok.token_id("<|endoftext|>").unwrap()];
     let g = Grammars::new(&tok, VOCAB, &end).unwrap();
     (tok, g, end)
 }
@@ -46,24 +39,13 @@ fn a_json_schema_allows_only_valid_continuations() {
     let mut out = Vec::new();
     for &t in &want {
         let a = allowed(&hook, &out);
-        assert!(
-            a[t as usize],
-            "token {t} ({:?}) is allowed after {:?}",
-            tok.decode(&[t], false),
-            tok.decode(&out, false)
-        );
+        assert!(a[t as usize], "token {t} ({:?}) is allowed after {:?}", tok.decode(&[t], false), tok.decode(&out, false));
         assert!(!a[end[0] as usize], "no end before the object is whole");
-        assert!(
-            !a[tok.encode("x").unwrap()[0] as usize],
-            "an `x` is never valid here"
-        );
+        assert!(!a[tok.encode("x").unwrap()[0] as usize], "an `x` is never valid here");
         out.push(t);
     }
     let a = allowed(&hook, &out);
-    assert!(
-        a[end[0] as usize] && a[end[1] as usize],
-        "the end is allowed once the object is whole"
-    );
+    assert!(a[end[0] as usize] && a[end[1] as usize], "the end is allowed once the object is whole");
     assert_eq!(a.iter().filter(|&&x| x).count(), 2, "and nothing else");
     let st = g.stats();
     let (n, ns) = (st.masks.load(Ordering::Relaxed), st.nanos.load(Ordering::Relaxed));
@@ -78,22 +60,12 @@ fn a_lark_grammar_names_special_tokens_and_mask_cost_is_reported() {
     let open = tok.token_id("<|tool_call|>").unwrap();
     let hook = g.lark("start: <|tool_call|> %json {\"type\": \"array\", \"maxItems\": 1, \"items\": {\"type\": \"integer\"}} <|/tool_call|>\n").unwrap();
     let a = allowed(&hook, &[]);
-    assert_eq!(
-        a.iter().filter(|&&x| x).count(),
-        1,
-        "only `<|tool_call|>` may start"
-    );
+    assert_eq!(a.iter().filter(|&&x| x).count(), 1, "only `<|tool_call|>` may start");
     assert!(a[open as usize]);
     // An invalid grammar is an error.
     assert!(g.lark("start: ( \n").is_err());
     let s = g.stats();
-    let (n, ns) = (
-        s.masks.load(Ordering::Relaxed),
-        s.nanos.load(Ordering::Relaxed),
-    );
+    let (n, ns) = (s.masks.load(Ordering::Relaxed), s.nanos.load(Ordering::Relaxed));
     assert!(n >= 1);
-    eprintln!(
-        "grammar masks: {n}, mean {:.1} µs per mask (200064-id vocabulary)",
-        ns as f64 / n as f64 / 1e3
-    );
+    eprintln!("grammar masks: {n}, mean {:.1} µs per mask (200064-id vocabulary)", ns as f64 / n as f64 / 1e3);
 }

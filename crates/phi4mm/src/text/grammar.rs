@@ -35,12 +35,7 @@ impl TokenizerEnv for Env {
     }
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.trie.tokenize_with_greedy_fallback(s, |text| {
-            self.tok
-                .encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .unwrap_or_default()
-        })
+        self.trie.tokenize_with_greedy_fallback(s, |text| self.tok.encode(text, false).map(|e| e.get_ids().to_vec()).unwrap_or_default())
     }
 }
 
@@ -62,9 +57,7 @@ impl Grammars {
     /// The grammar engine over `tok`'s vocabulary padded to `n_vocab` ids; `end` are the ids
     /// that end a turn (the first is the one the model writes, `<|end|>`).
     pub fn new(tok: &Tokenizer, n_vocab: usize, end: &[u32]) -> Result<Self> {
-        let first = *end
-            .first()
-            .ok_or_else(|| Error::Request("a grammar needs an end-of-turn token".into()))?;
+        let first = *end.first().ok_or_else(|| Error::Request("a grammar needs an end-of-turn token".into()))?;
         let inner = tok.inner().clone();
         let added = inner.get_added_tokens_decoder();
         let mut words = Vec::with_capacity(n_vocab);
@@ -87,13 +80,8 @@ impl Grammars {
         info.tok_end_of_turn = Some(first);
         let trie = TokTrie::from(&info, &words);
         let env: TokEnv = Arc::new(Env { trie, tok: inner });
-        let factory = ParserFactory::new_simple(&env)
-            .map_err(|e| Error::Request(format!("grammar engine: {e}")))?;
-        Ok(Grammars {
-            factory: Arc::new(factory),
-            end: end.to_vec(),
-            stats: Arc::new(MaskStats::default()),
-        })
+        let factory = ParserFactory::new_simple(&env).map_err(|e| Error::Request(format!("grammar engine: {e}")))?;
+        Ok(Grammars { factory: Arc::new(factory), end: end.to_vec(), stats: Arc::new(MaskStats::default()) })
     }
 
     /// A mask that keeps the output valid JSON for `schema` (a JSON Schema).
@@ -113,20 +101,12 @@ impl Grammars {
     }
 
     fn mask(&self, g: TopLevelGrammar) -> Result<MaskHook> {
-        let parser = self
-            .factory
-            .create_parser(g)
-            .map_err(|e| Error::Request(format!("invalid grammar: {e}")))?;
+        let parser = self.factory.create_parser(g).map_err(|e| Error::Request(format!("invalid grammar: {e}")))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(Error::Request(format!("invalid grammar: {e}")));
         }
-        let m = GrammarMask {
-            matcher,
-            consumed: 0,
-            end: self.end.clone(),
-            stats: self.stats.clone(),
-        };
+        let m = GrammarMask { matcher, consumed: 0, end: self.end.clone(), stats: self.stats.clone() };
         Ok(MaskHook(Arc::new(Mutex::new(m))))
     }
 }
@@ -180,8 +160,6 @@ impl TokenMask for GrammarMask {
             }
         }
         self.stats.masks.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .nanos
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
