@@ -55,11 +55,14 @@ pub struct ServeArgs {
     /// Let requests name local files (paths or file:// URLs) under this directory.
     #[arg(long)]
     pub allowed_local_media_path: Option<std::path::PathBuf>,
+    /// Do not serve the chat page at `/` (the API only).
+    #[arg(long)]
+    pub no_ui: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", a.host, a.port).parse().with_context(|| format!("bad --host/--port `{}:{}`", a.host, a.port))?;
-    let mut config = ServerConfig { served_model_name: a.served_model_name.clone(), cors_origins: a.cors_origin.clone(), ..ServerConfig::default() };
+    let mut config = ServerConfig { served_model_name: a.served_model_name.clone(), cors_origins: a.cors_origin.clone(), ui: !a.no_ui, ..ServerConfig::default() };
     config.api_key = match (&a.api_key, &a.api_key_file) {
         (Some(k), _) => Some(k.clone()),
         (None, Some(f)) => {
@@ -86,6 +89,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (max_seqs, max_queue, kv_budget) = (a.max_seqs.max(1), a.max_queue, a.kv_budget);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     eprintln!("phi4mm serve: listening on http://{addr} (/health answers 503 until the model is loaded)");
+    if !a.no_ui {
+        eprintln!("phi4mm serve: chat page at http://{addr}/");
+    }
     rt.block_on(phi4mm_server::serve(
         addr,
         config,

@@ -1,7 +1,9 @@
 //! `phi4mm serve` as a process on the tiny checkpoint, on a loopback port: `/health` turns 200
 //! once the model is loaded, a chat completion works over HTTP, a wrong key is 401. With
 //! `PHI4MM_SDK_PYTHON` set to a Python that has the `openai` package (`.ci/run` installs one
-//! into a venv), the SDK conformance suite `tests-sdk/openai_conformance.py` runs against it.
+//! into a venv), the SDK conformance suite `tests-sdk/openai_conformance.py` runs against it;
+//! with `PHI4MM_UI_PYTHON` set to a Python that has `playwright` (and Debian's Chromium at
+//! `PHI4MM_UI_CHROMIUM` or /usr/bin/chromium), the web UI's browser tests `tests-ui/test_ui.py`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failure is the report
 
@@ -87,6 +89,26 @@ fn the_openai_sdk_conformance_suite_passes() {
     assert!(out.status.success(), "the openai SDK suite failed:\n{log}");
     assert!(log.contains("all passed"), "{log}");
     eprintln!("{log}");
+}
+
+#[test]
+fn the_web_ui_passes_its_browser_tests() {
+    let Ok(python) = std::env::var("PHI4MM_UI_PYTHON") else {
+        eprintln!("PHI4MM_UI_PYTHON is not set: the browser tests of the web UI are not run (.ci/run sets it)");
+        return;
+    };
+    let chromium = std::env::var("PHI4MM_UI_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let shots = std::env::var("PHI4MM_UI_SCREENSHOTS").map_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots"), PathBuf::from);
+    let server = start("ui-key");
+    let out = Command::new(python)
+        .arg(root().join("tests-ui/test_ui.py"))
+        .args([&format!("http://127.0.0.1:{}", server.1), "ui-key", root().join("fixtures").to_str().unwrap_or("?"), shots.to_str().unwrap_or("?"), &chromium])
+        .output()
+        .expect("python runs");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the web UI's browser tests failed:\n{log}");
+    assert!(log.contains("all passed"), "{log}");
+    eprintln!("{log}screenshots in {}", shots.display());
 }
 
 #[test]

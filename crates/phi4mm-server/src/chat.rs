@@ -5,6 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use phi4mm::engine::Prepared;
@@ -39,8 +40,13 @@ pub struct Submitted {
     pub echo: Option<String>,
     /// The answer may hold tool calls to parse.
     pub tools: bool,
+    /// The LoRA adapter that runs: `text` (none), `vision` or `speech` (sent as [`ADAPTER_HEADER`]).
+    pub adapter: &'static str,
     pub choices: Vec<(Ticket, UnboundedReceiver<Event>)>,
 }
+
+/// The response header that names the adapter a chat or completion request ran with.
+pub const ADAPTER_HEADER: &str = "x-phi4mm-adapter";
 
 /// What a request asks beyond generating: tool calls to parse, a grammar, echo.
 #[derive(Default)]
@@ -147,6 +153,7 @@ async fn submit(app: &AppState, ready: &Ready, api: Api, mut lib: GenerateReques
         prompt_tokens,
         echo,
         tools: extras.tools,
+        adapter: adapter_name(prepared.mode),
         choices,
     })
 }
@@ -178,6 +185,15 @@ fn force_mode(p: &mut Prepared, mode: Mode) -> ApiResult<()> {
     Ok(())
 }
 
+/// The adapter a prepared request's mode runs (an image and audio together use vision's).
+fn adapter_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Text => "text",
+        Mode::Vision | Mode::VisionSpeech => "vision",
+        Mode::Speech => "speech",
+    }
+}
+
 fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Vision => "vision",
@@ -187,11 +203,20 @@ fn mode_name(m: Mode) -> &'static str {
 }
 
 async fn respond(ready: &Ready, sub: Submitted, gen: &GenParams) -> ApiResult<Response> {
-    if gen.stream {
+    let adapter = HeaderValue::from_static(sub.adapter);
+    let mut r = if gen.stream {
         let usage = gen.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        return Ok(stream::sse(ready.clone(), sub, usage).into_response());
-    }
-    let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, tools, choices } = sub;
+        stream::sse(ready.clone(), sub, usage).into_response()
+    } else {
+        answer(ready, sub).await?
+    };
+    r.headers_mut().insert(ADAPTER_HEADER, adapter);
+    Ok(r)
+}
+
+/// The whole answer as one JSON body, once every choice has finished.
+async fn answer(ready: &Ready, sub: Submitted) -> ApiResult<Response> {
+    let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, tools, choices, .. } = sub;
     let mut out = Vec::with_capacity(choices.len());
     let (mut completion_tokens, mut cached) = (0, usize::MAX);
     for (index, (mut ticket, mut rx)) in choices.into_iter().enumerate() {

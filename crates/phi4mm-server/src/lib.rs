@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP server of phi4mm: `POST /v1/chat/completions` (text, images,
 //! audio; streamed or not), `POST /v1/completions`, `POST /tokenize`, `POST /detokenize`,
-//! `GET /v1/models`, `GET /health`. It sees only the library's public API and never touches a
+//! `GET /v1/models`, `GET /health`, and the chat page at `/` ([`ui`]). It sees only the library's public API and never touches a
 //! tensor: requests are validated into library requests in [`wire`], run on the scheduler's
 //! thread ([`worker`]), and every error becomes an OpenAI error body in [`error`].
 //!
@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod stream;
 pub mod structured;
 pub mod tools;
+pub mod ui;
 pub mod wire;
 pub mod worker;
 
@@ -51,6 +52,8 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Where media URLs may point.
     pub media: fetch::MediaPolicy,
+    /// Serve the chat page at `/` (its files under `/ui/`).
+    pub ui: bool,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +65,7 @@ impl Default for ServerConfig {
             max_body_bytes: 64 << 20,
             cors_origins: Vec::new(),
             media: fetch::MediaPolicy::default(),
+            ui: true,
         }
     }
 }
@@ -125,16 +129,18 @@ pub fn router(state: AppState) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    let mut r = Router::new()
-        .route("/health", get(health))
-        .merge(api)
-        .route_layer(middleware::from_fn_with_state(state.clone(), metrics::count))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(state.clone());
+    let mut r = Router::new().route("/health", get(health)).merge(api);
+    if state.config.ui {
+        r = r.merge(ui::routes());
+    }
+    let mut r = r.route_layer(middleware::from_fn_with_state(state.clone(), metrics::count)).fallback(not_found).layer(DefaultBodyLimit::max(limit)).with_state(state.clone());
     if !state.config.cors_origins.is_empty() {
         let origins: Vec<_> = state.config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
-        let cors = tower_http::cors::CorsLayer::new().allow_origin(origins).allow_methods(tower_http::cors::Any).allow_headers(tower_http::cors::Any);
+        let cors = tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods(tower_http::cors::Any)
+            .allow_headers(tower_http::cors::Any)
+            .expose_headers([header::HeaderName::from_static(chat::ADAPTER_HEADER)]);
         r = r.layer(cors);
     }
     r

@@ -179,7 +179,7 @@ fn fragments(s: &str, n: usize) -> Vec<&str> {
 }
 
 pub fn sse(ready: Ready, sub: Submitted, include_usage: bool) -> Response {
-    let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, tools, choices } = sub;
+    let Submitted { api, id, created, model, logprobs, prompt_tokens, echo, tools, choices, .. } = sub;
     let n = choices.len();
     let (tickets, receivers): (Vec<_>, Vec<_>) = choices.into_iter().unzip();
     let tagged = receivers.into_iter().enumerate().map(|(i, rx)| stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|e| ((i, e), rx)) }).boxed());

@@ -198,3 +198,46 @@ async fn the_api_key_guards_every_route_but_health() {
     assert_eq!(call(&app, "GET", "/v1/models", None, Some("sekrit")).await.0, StatusCode::OK);
     assert_eq!(call(&app, "GET", "/health", None, None).await.0, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adapter_that_ran_is_named_in_a_header() {
+    let engine = engine();
+    let app = router(state(&engine, ServerConfig::default()));
+    let image = json!({"type": "image_url", "image_url": {"url": data_uri("images/square_448x448.png", "image/png")}});
+    let audio = json!({"type": "audio_url", "audio_url": {"url": data_uri("audio/speech_1s_16k.wav", "audio/wav")}});
+    let text = json!({"type": "text", "text": "Hi"});
+    let cases = [(json!("Hi"), "text"), (json!([image, text]), "vision"), (json!([audio, text]), "speech"), (json!([image, audio, text]), "vision")];
+    for (content, want) in cases {
+        for stream in [false, true] {
+            let mut body = greedy(content.clone(), 2);
+            body["stream"] = json!(stream);
+            let (s, b, h) = call(&app, "POST", "/v1/chat/completions", Some(body), None).await;
+            assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            assert_eq!(h.get("x-phi4mm-adapter").and_then(|v| v.to_str().ok()), Some(want), "stream {stream}");
+        }
+    }
+    let (_, _, h) = call(&app, "POST", "/v1/chat/completions", Some(json!({"model": "speech", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})), None).await;
+    assert_eq!(h.get("x-phi4mm-adapter").and_then(|v| v.to_str().ok()), Some("speech"), "`model: speech` picks the adapter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_is_served_without_a_key_unless_turned_off() {
+    let engine = engine();
+    let app = router(state(&engine, ServerConfig { api_key: Some("sekrit".into()), ..ServerConfig::default() }));
+    let (s, b, h) = call(&app, "GET", "/", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&b).contains("<script type=\"module\" src=\"/ui/js/main.js\">"));
+    assert!(h["content-type"].to_str().unwrap_or("").starts_with("text/html"));
+    assert!(h["content-security-policy"].to_str().unwrap_or("").contains("default-src 'self'"));
+    let (s, _, h) = call(&app, "GET", "/ui/js/main.js", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h["content-type"].to_str().unwrap_or("").starts_with("text/javascript"));
+    let (s, b, _) = call(&app, "GET", "/ui/js/missing.js", None, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(serde_json::from_slice::<Value>(&b).expect("an error body")["error"]["type"], "not_found_error");
+    assert_eq!(call(&app, "GET", "/v1/models", None, None).await.0, StatusCode::UNAUTHORIZED, "the API still needs the key");
+
+    let off = router(state(&engine, ServerConfig { ui: false, ..ServerConfig::default() }));
+    assert_eq!(call(&off, "GET", "/", None, None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(call(&off, "GET", "/ui/js/main.js", None, None).await.0, StatusCode::NOT_FOUND);
+}
