@@ -17,9 +17,9 @@ too) plus a C/C++ compiler; torch is not needed. Everything this writes goes und
    below) fetches the sdist, which carries llama.cpp's source in vendor/llama.cpp. Only that
    package is forced to source: `--no-binary :all:` would also build pip's metadata build
    dependencies (cmake itself) from source. The sdist is unpacked under --work and only the
-   `llama-bench`, `llama-quantize` and `llama-batched-bench` (for compare_llamacpp_batched.py)
-   targets are built (CMake Release, -DGGML_NATIVE=ON, static,
-   no curl/OpenSSL, no server/web UI, nothing downloaded), `-j --jobs` (default 2) under `nice`.
+   `llama-bench`, `llama-quantize`, `llama-batched-bench` (for compare_llamacpp_batched.py) and
+   `llama-server` (for compare_serve.py) targets are built (CMake Release, -DGGML_NATIVE=ON,
+   static, no curl/OpenSSL, no web UI, nothing downloaded), `-j --jobs` (default 2) under `nice`.
    --llama-bin DIR uses an existing build instead (a folder holding both binaries).
 
 2. Write the decoder as a GGUF in BF16 with the `gguf` package, arch `phi3` (how llama.cpp runs
@@ -98,7 +98,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-TARGETS = ["llama-bench", "llama-quantize", "llama-batched-bench"]
+TARGETS = ["llama-bench", "llama-quantize", "llama-batched-bench", "llama-server"]  # llama-server: bench/compare_serve.py
 # precision -> (llama-quantize type / file tag, phi4mm --quant); q4_k_m's phi4mm format comes from
 # --phi4mm-q4k-as.
 PRECISIONS = {"bf16": ("BF16", "none"), "q8_0": ("Q8_0", "q8_0"), "q4_0": ("Q4_0", "q4_0"),
@@ -209,7 +209,7 @@ def build_llamacpp(a):
     build = os.path.join(src, "build")
     t0 = time.time()
     run(["nice", "-n", "10", cmake, "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release",
-         "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+         "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_SERVER=ON",
          "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF",
          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DBUILD_SHARED_LIBS=OFF",
          "-DGGML_CCACHE=OFF"])

@@ -139,7 +139,10 @@ def test_text_chat(page):
 
 def test_images(page):
     png = os.path.join(FIX, "images/square_448x448.png")
-    page.set_input_files("#attach-image", [png, os.path.join(FIX, "images/wide_500x300.png")])
+    page.focus("[data-pick=attach-image]")  # keyboard only: Enter on the Image button opens the file chooser
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files([png, os.path.join(FIX, "images/wide_500x300.png")])
     expect(page.locator("#attachments img")).to_have_count(2)
     page.click("#attachments .remove >> nth=1")
     expect(page.locator("#attachments img")).to_have_count(1)
@@ -169,7 +172,7 @@ def test_images(page):
     want = expected_reply(history + [{"role": "user", "content": [img, img, {"type": "text", "text": "What is shown?"}]}], 12)
     assert conv["messages"][3]["text"] == want, (conv["messages"][3]["text"], want)
     page.screenshot(path=os.path.join(SHOTS, "chat.png"))
-    ok("images attach by file input, paste and drop, with thumbnails and remove; the vision adapter runs")
+    ok("images attach by file input (opened from the keyboard), paste and drop, with thumbnails and remove; the vision adapter runs")
 
 
 def test_audio_file_and_microphone(page):
@@ -358,7 +361,16 @@ def test_errors(page):
     send(page, "Hi")
     expect(page.locator(".msg.error .bubble").last).to_contain_text("context")
     set_settings(page, max_tokens=12)
-    ok("a corrupt image and a request too long show the server's error in the conversation")
+    page.click("#new-chat")
+    page.evaluate("localStorage.setItem('phi4mm.apiKey', 'wrong-key')")
+    page.fill("#input", "Hi")
+    page.press("#input", "Enter")
+    expect(page.locator("#key-dialog")).to_be_visible()
+    page.click("#key-dialog .cancel")
+    wait_idle(page)
+    expect(page.locator(".msg.error .bubble").last).to_contain_text("API key")
+    page.evaluate(f"localStorage.setItem('phi4mm.apiKey', {json.dumps(KEY)})")
+    ok("a corrupt image, a request too long and a wrong key show the server's error in the conversation")
 
 
 def test_theme_and_phone(page):

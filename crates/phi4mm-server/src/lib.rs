@@ -1,8 +1,9 @@
 //! The OpenAI-compatible HTTP server of phi4mm: `POST /v1/chat/completions` (text, images,
 //! audio; streamed or not), `POST /v1/completions`, `POST /tokenize`, `POST /detokenize`,
-//! `GET /v1/models`, `GET /health`, and the chat page at `/` ([`ui`]). It sees only the library's public API and never touches a
-//! tensor: requests are validated into library requests in [`wire`], run on the scheduler's
-//! thread ([`worker`]), and every error becomes an OpenAI error body in [`error`].
+//! `GET /v1/models`, `GET /health`, and the chat page at `/` ([`ui`]). It sees only the
+//! library's public API and never touches a tensor: requests are validated into library
+//! requests in [`wire`], run on the scheduler's thread ([`worker`]), and every error becomes an
+//! OpenAI error body in [`error`].
 //!
 //! [`router`] builds the routes over an [`AppState`] (tests drive it without a socket);
 //! [`serve`] binds, answers `/health` with 503 while the model loads, then serves.

@@ -108,6 +108,7 @@ function bindSidebar() {
     applyTheme(next);
   });
   $("notice").querySelector("button").addEventListener("click", clearNotice);
+  for (const b of document.querySelectorAll("[data-pick]")) b.addEventListener("click", () => $(b.dataset.pick).click());
 }
 
 function bindDialogs() {

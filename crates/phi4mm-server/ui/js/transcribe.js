@@ -49,6 +49,12 @@ export class TranscribeView {
       const f = [...e.dataTransfer.files][0];
       if (f) this.use(f, f.name);
     });
+    zone.addEventListener("keydown", (e) => {
+      if ((e.key === "Enter" || e.key === " ") && e.target === zone) {
+        e.preventDefault();
+        $("transcribe-file").click();
+      }
+    });
     $("transcribe-file").addEventListener("change", (e) => {
       const f = e.target.files[0];
       if (f) this.use(f, f.name);
