@@ -96,6 +96,19 @@ def set_settings(page, **fields):
     page.click("#settings-save")
 
 
+def hand_over(page, how, target, name, data):
+    """A PNG file pasted into (`paste`) or dropped on (`drop`) the element with id `target`, as a
+    browser delivers one: a DataTransfer holding a File, in a ClipboardEvent or a DragEvent."""
+    page.evaluate("""([how, target, name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: 'image/png'}));
+        const init = {bubbles: true, cancelable: true};
+        const e = how === 'paste' ? new ClipboardEvent('paste', {...init, clipboardData: dt}) : new DragEvent('drop', {...init, dataTransfer: dt});
+        document.getElementById(target).dispatchEvent(e);
+    }""", [how, target, name, base64.b64encode(data).decode()])
+
+
 def test_key_prompt_and_model(page):
     page.goto(BASE + "/")
     expect(page.locator("#key-dialog")).to_be_visible(timeout=TIMEOUT_MS)
@@ -146,20 +159,10 @@ def test_images(page):
     expect(page.locator("#attachments img")).to_have_count(2)
     page.click("#attachments .remove >> nth=1")
     expect(page.locator("#attachments img")).to_have_count(1)
-    b64 = base64.b64encode(open(png, "rb").read()).decode()
-    page.evaluate("""(b64) => {
-        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-        const dt = new DataTransfer();
-        dt.items.add(new File([bytes], 'pasted.png', {type: 'image/png'}));
-        document.getElementById('input').dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true}));
-    }""", b64)
+    data = open(png, "rb").read()
+    hand_over(page, "paste", "input", "pasted.png", data)
     expect(page.locator("#attachments img")).to_have_count(2)
-    page.evaluate("""(b64) => {
-        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-        const dt = new DataTransfer();
-        dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
-        document.getElementById('chat-view').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
-    }""", b64)
+    hand_over(page, "drop", "chat-view", "dropped.png", data)
     expect(page.locator("#attachments img")).to_have_count(3)
     page.click("#attachments .remove >> nth=2")
     send(page, "What is shown?")
@@ -348,11 +351,7 @@ def test_sanitiser_and_rendering(page, tmp):
 
 def test_errors(page):
     page.click("#new-chat")
-    page.evaluate("""() => {
-        const dt = new DataTransfer();
-        dt.items.add(new File([new Uint8Array([137, 80, 78, 71, 1, 2, 3])], 'broken.png', {type: 'image/png'}));
-        document.getElementById('input').dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true}));
-    }""")
+    hand_over(page, "paste", "input", "broken.png", bytes([137, 80, 78, 71, 1, 2, 3]))
     send(page, "What is this?")
     err = page.locator(".msg.error .bubble")
     expect(err).to_contain_text("image")

@@ -2,7 +2,7 @@
 // microphone recordings (a level meter and a timer while recording, then a playable clip).
 // They wait in `chat.pending` with thumbnails and remove buttons until the message is sent.
 
-import { readDataUri, blobToDataUri, sortFiles } from "./media.js";
+import { blobToDataUri, onDrop, readDataUri, sortFiles } from "./media.js";
 import { notify } from "./notice.js";
 import { clock, Recorder } from "./recorder.js";
 
@@ -19,17 +19,7 @@ export class Composer {
         e.target.value = "";
       });
     }
-    const view = $("chat-view");
-    view.addEventListener("dragover", (e) => {
-      e.preventDefault();
-      view.classList.add("over");
-    });
-    view.addEventListener("dragleave", () => view.classList.remove("over"));
-    view.addEventListener("drop", (e) => {
-      e.preventDefault();
-      view.classList.remove("over");
-      this.add([...e.dataTransfer.files]);
-    });
+    onDrop($("chat-view"), (files) => this.add(files));
     $("input").addEventListener("paste", (e) => {
       const files = [...(e.clipboardData?.files || [])];
       if (files.length) {

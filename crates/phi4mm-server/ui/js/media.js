@@ -71,6 +71,20 @@ export function sortFiles(files) {
   return out;
 }
 
+/** Calls `f(files)` when files are dropped on `el` (marked `.over` while they hover). */
+export function onDrop(el, f) {
+  el.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    el.classList.add("over");
+  });
+  el.addEventListener("dragleave", () => el.classList.remove("over"));
+  el.addEventListener("drop", (e) => {
+    e.preventDefault();
+    el.classList.remove("over");
+    f([...e.dataTransfer.files]);
+  });
+}
+
 export function download(name, text, type = "text/plain") {
   const a = document.createElement("a");
   a.href = URL.createObjectURL(new Blob([text], { type }));

@@ -5,7 +5,7 @@
 // downloads as .txt or .srt.
 
 import * as api from "./api.js";
-import { download } from "./media.js";
+import { download, onDrop } from "./media.js";
 import { clock, Recorder } from "./recorder.js";
 
 const $ = (id) => document.getElementById(id);
@@ -38,17 +38,7 @@ export class TranscribeView {
     this.cues = [];
     this.recorder = null;
     const zone = $("drop-audio");
-    zone.addEventListener("dragover", (e) => {
-      e.preventDefault();
-      zone.classList.add("over");
-    });
-    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
-    zone.addEventListener("drop", (e) => {
-      e.preventDefault();
-      zone.classList.remove("over");
-      const f = [...e.dataTransfer.files][0];
-      if (f) this.use(f, f.name);
-    });
+    onDrop(zone, (files) => files[0] && this.use(files[0], files[0].name));
     zone.addEventListener("keydown", (e) => {
       if ((e.key === "Enter" || e.key === " ") && e.target === zone) {
         e.preventDefault();
