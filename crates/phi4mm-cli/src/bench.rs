@@ -58,6 +58,11 @@ pub struct BenchArgs {
     /// (`20000tok`); default half the available memory.
     #[arg(long)]
     pub kv_budget: Option<String>,
+    /// With --concurrency: the scheduler's preparation time per step as a share of the decode
+    /// step's (default 0.8; more gives waiting requests their first token sooner, at the
+    /// running streams' inter-token latency).
+    #[arg(long, value_parser = crate::common::parse_share)]
+    pub prepare_share: Option<f64>,
     /// Run the audio and image encoders this many times and report the fastest (a noisy host;
     /// every time is in the JSON).
     #[arg(long, default_value_t = 1)]
@@ -275,7 +280,7 @@ fn run_batch(a: &BenchArgs, engine: &phi4mm::Engine, n: usize, load_s: f64) -> R
         gen_tokens: a.gen_tokens,
         image: a.image.as_deref(),
         audio: a.audio.as_deref(),
-        opts: crate::common::scheduler_options(engine, a.kv_budget.as_deref())?,
+        opts: crate::common::scheduler_options(engine, a.kv_budget.as_deref(), a.prepare_share)?,
     };
     let mut r = b.run(engine)?;
     if stamped(&mut r, engine, load_s, a.json) {
@@ -307,7 +312,7 @@ fn stamped(r: &mut serde_json::Value, engine: &phi4mm::Engine, load_s: f64, json
 
 /// `--turn2`: the prefix cache's time to first token on a conversation's second turn.
 fn run_turn2(a: &BenchArgs, engine: &phi4mm::Engine, load_s: f64) -> Result<()> {
-    let opts = crate::common::scheduler_options(engine, a.kv_budget.as_deref())?;
+    let opts = crate::common::scheduler_options(engine, a.kv_budget.as_deref(), a.prepare_share)?;
     let mut r = crate::bench_prefix::run(engine, opts, a.image.as_deref(), a.audio.as_deref(), a.gen_tokens)?;
     if stamped(&mut r, engine, load_s, a.json) {
         return Ok(());

@@ -50,7 +50,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         "loaded {} in {load_s:.1}s. Type a message; /image PATH, /audio PATH, /system TEXT, /reset, /exit.",
         engine.model_dir().display()
     );
-    let mut sched = Scheduler::new(&engine, scheduler_options(&engine, a.kv_budget.as_deref())?);
+    let mut sched = Scheduler::new(&engine, scheduler_options(&engine, a.kv_budget.as_deref(), None)?);
     let mut system = system_message(a.system.as_deref(), a.tools.as_ref())?;
     let mut conv = Conversation::default();
     let stdin = std::io::stdin();

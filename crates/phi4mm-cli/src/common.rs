@@ -144,11 +144,22 @@ pub fn print_piece(text: &str) {
     let _ = out.flush();
 }
 
-/// The scheduler's defaults for `engine`, with `--kv-budget` if given.
-pub fn scheduler_options(engine: &phi4mm::Engine, kv_budget: Option<&str>) -> anyhow::Result<phi4mm::SchedulerOptions> {
+/// The scheduler's defaults for `engine`, with `--kv-budget` and `--prepare-share` if given.
+pub fn scheduler_options(engine: &phi4mm::Engine, kv_budget: Option<&str>, prepare_share: Option<f64>) -> anyhow::Result<phi4mm::SchedulerOptions> {
     let mut o = phi4mm::SchedulerOptions::for_engine(engine);
     if let Some(b) = kv_budget {
         o.kv_budget = phi4mm::SchedulerOptions::parse_kv_budget(engine, b)?;
     }
+    if let Some(s) = prepare_share {
+        o.prepare_share = s;
+    }
     Ok(o)
+}
+
+/// `--prepare-share`: a positive, finite number.
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a positive number")),
+    }
 }
