@@ -539,6 +539,23 @@ def bench_llamacpp(a, bins, path, logbase):
     return r
 
 
+def prepare_llamacpp(ap, a):
+    """What the batched and serving comparisons start with: --work outside the repository, the
+    phi4mm binary built, the checkpoint's config, the log folder, the llama.cpp build and the
+    BF16 GGUF. Returns (config, log folder, binaries, BF16 GGUF path)."""
+    if os.path.commonpath([a.work, ROOT]) == ROOT:
+        ap.error(f"--work {a.work} is inside the repository; put it elsewhere")
+    if not os.access(a.phi4mm, os.X_OK):
+        ap.error(f"{a.phi4mm} not found: cargo build --release -p phi4mm-cli")
+    with open(os.path.join(a.model, "config.json")) as f:
+        cfg = json.load(f)
+    logdir = os.path.join(a.work, "logs")
+    os.makedirs(logdir, exist_ok=True)
+    bins = build_llamacpp(a)
+    bf16, _ = ensure_gguf(a, a.model, cfg)
+    return cfg, logdir, bins, bf16
+
+
 def ensure_phi4mm_quant(a, quant):
     """phi4mm's own quantised copy of the checkpoint (`phi4mm quantize`), made once under --work."""
     out = os.path.join(a.work, "phi4mm", f"{os.path.basename(a.model.rstrip('/'))}-{quant}")

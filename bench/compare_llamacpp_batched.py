@@ -88,16 +88,7 @@ def main():
     precs = [p.strip().lower() for p in a.precisions.split(",") if p.strip()]
     if not npl or min(npl) < 1 or any(p not in base.PRECISIONS or p == "q4_k_m" for p in precs):
         ap.error("--npl: positive batch sizes; --precisions: bf16, q8_0, q4_0")
-    if os.path.commonpath([a.work, base.ROOT]) == base.ROOT:
-        ap.error(f"--work {a.work} is inside the repository; put it elsewhere")
-    if not os.access(a.phi4mm, os.X_OK):
-        ap.error(f"{a.phi4mm} not found: cargo build --release -p phi4mm-cli")
-    with open(os.path.join(a.model, "config.json")) as f:
-        cfg = json.load(f)
-    logdir = os.path.join(a.work, "logs")
-    os.makedirs(logdir, exist_ok=True)
-    bins = base.build_llamacpp(a)
-    bf16, _ = base.ensure_gguf(a, a.model, cfg)
+    cfg, logdir, bins, bf16 = base.prepare_llamacpp(ap, a)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = []
     for p in precs:

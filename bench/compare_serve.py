@@ -151,16 +151,7 @@ def main():
     clients = sorted({int(x) for x in a.clients.split(",") if x.strip()})
     if not clients or min(clients) < 1 or max(clients) > a.np:
         ap.error(f"--clients: positive counts up to --np {a.np}")
-    if os.path.commonpath([a.work, base.ROOT]) == base.ROOT:
-        ap.error(f"--work {a.work} is inside the repository; put it elsewhere")
-    if not os.access(a.phi4mm, os.X_OK):
-        ap.error(f"{a.phi4mm} not found: cargo build --release -p phi4mm-cli")
-    with open(os.path.join(a.model, "config.json")) as f:
-        cfg = json.load(f)
-    logdir = os.path.join(a.work, "logs")
-    os.makedirs(logdir, exist_ok=True)
-    bins = base.build_llamacpp(a)
-    bf16, _ = base.ensure_gguf(a, a.model, cfg)
+    cfg, logdir, bins, bf16 = base.prepare_llamacpp(ap, a)
     gguf = base.ensure_quant(a, bins, bf16, "Q4_0", logdir)
     base.check_gguf(a, bins, gguf, cfg, logdir)
     q4 = base.ensure_phi4mm_quant(a, "q4_0")
