@@ -55,7 +55,7 @@ def load(a, url, clients):
     then one wave: the most clients with one request each, all sent at once (the shape of
     `phi4mm bench --concurrency`)."""
     la = argparse.Namespace(url=url, requests=a.requests, max_tokens=a.max_tokens, model=None, api_key="none")
-    prompt = "Summarise the following notes. " + " ".join(f"note{i} about systems and engines" for i in range(a.prompt_words // 5))
+    prompt = serve_load.prompt_text(a.prompt_words)
     serve_load.one(la, "warm-up. " + prompt)
     levels = [serve_load.level(la, c, prompt) for c in clients]
     wave = serve_load.level(argparse.Namespace(**{**vars(la), "requests": 1}), max(clients), prompt)

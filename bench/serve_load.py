@@ -51,6 +51,11 @@ def one(a, prompt):
     return ttft, itl, n, decode, prompt_tokens
 
 
+def prompt_text(words):
+    """The load's prompt: about `words` words of notes to summarise."""
+    return "Summarise the following notes. " + " ".join(f"note{i} about systems and engines" for i in range(words // 5))
+
+
 def level(a, clients, prompt):
     results, errors = [], []
 
@@ -91,7 +96,7 @@ def main():
     p.add_argument("--api-key", default="none")
     p.add_argument("--json-out", default=None)
     a = p.parse_args()
-    prompt = "Summarise the following notes. " + " ".join(f"note{i} about systems and engines" for i in range(a.prompt_words // 5))
+    prompt = prompt_text(a.prompt_words)
     one(a, prompt)  # warm-up
     rows = [level(a, int(c), prompt) for c in a.clients.split(",")]
     print(f"{'clients':>7} {'tok/s':>9} {'stream':>9} {'TTFT p50':>9} {'p99':>9} {'ITL p50':>9} {'p99':>9}  errors")

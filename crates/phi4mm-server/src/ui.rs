@@ -4,9 +4,9 @@
 //!
 //! The page talks only to this server's own `/v1` API, like any other client. Every file is
 //! sent with a Content-Security-Policy that allows nothing but this origin (and `data:` /
-//! `blob:` for media the user attaches or records), so neither a CDN request nor an inline script from a
-//! model's reply can run, even past the page's HTML sanitiser. The page needs no API key; its
-//! requests do, and it asks the user for one when the server answers 401.
+//! `blob:` for media the user attaches or records), so neither a CDN request nor an inline
+//! script from a model's reply can run, even past the page's HTML sanitiser. The page needs no
+//! API key; its requests do, and it asks the user for one when the server answers 401.
 
 use axum::extract::Path;
 use axum::http::{header, HeaderValue, StatusCode};

@@ -179,9 +179,7 @@ export class ChatView {
     }
     if (!reply.error) {
       paint();
-      const end = performance.now();
-      const tokens = usage ? usage.completion_tokens : null;
-      reply.stats = { adapter, ttft_ms: first === null ? null : first - t0, tokens, tps: tokens && first !== null && end > first ? tokens / ((end - first) / 1000) : null, stopped: this.controller.signal.aborted };
+      reply.stats = replyStats(adapter, t0, first, usage, this.controller.signal.aborted);
     }
     return this.finish(conv);
   }
@@ -240,6 +238,14 @@ function mediaEl(m) {
     box.append(au);
   }
   return box;
+}
+
+/** What a reply's stats line shows: adapter, time to first token, tok/s (from the first token on). */
+function replyStats(adapter, t0, first, usage, stopped) {
+  const end = performance.now();
+  const tokens = usage ? usage.completion_tokens : null;
+  const tps = tokens && first !== null && end > first ? tokens / ((end - first) / 1000) : null;
+  return { adapter, ttft_ms: first === null ? null : first - t0, tokens, tps, stopped };
 }
 
 function statsText(s) {

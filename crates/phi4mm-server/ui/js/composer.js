@@ -4,7 +4,7 @@
 
 import { blobToDataUri, onDrop, readDataUri, sortFiles } from "./media.js";
 import { notify } from "./notice.js";
-import { clock, Recorder } from "./recorder.js";
+import { finish, record } from "./recorder.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -86,20 +86,11 @@ export class Composer {
   }
 
   async startRecording() {
-    const r = new Recorder((seconds, level) => {
-      $("rec-time").textContent = clock(seconds);
-      $("rec-level").value = level;
-    });
     try {
-      await r.start();
+      this.recorder = await record({ box: $("recording"), time: $("rec-time"), level: $("rec-level") });
     } catch (e) {
-      notify(`Recording did not start: ${e.message}`);
-      await r.stop().catch(() => {});
-      return;
+      return notify(e.message);
     }
-    this.recorder = r;
-    $("rec-time").textContent = "0:00";
-    $("recording").hidden = false;
     $("record").setAttribute("aria-pressed", "true");
   }
 
@@ -107,10 +98,13 @@ export class Composer {
     const r = this.recorder;
     if (!r) return;
     this.recorder = null;
-    $("recording").hidden = true;
     $("record").setAttribute("aria-pressed", "false");
-    const wav = await r.stop();
-    if (!wav) return notify("The recording captured no sound.");
+    let wav;
+    try {
+      wav = await finish(r, $("recording"));
+    } catch (e) {
+      return notify(e.message);
+    }
     this.recordings += 1;
     this.chat.pending.audios.push({ name: `recording-${this.recordings}.wav`, uri: await blobToDataUri(wav) });
     this.render();

@@ -58,3 +58,31 @@ export function clock(seconds) {
   const s = Math.floor(seconds);
   return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
 }
+
+/**
+ * Starts a recording whose timer and level show in `ui` ({ box, time, level } elements, the box
+ * shown while it runs). Throws, with the microphone released, when it cannot start.
+ */
+export async function record(ui) {
+  const r = new Recorder((seconds, level) => {
+    ui.time.textContent = clock(seconds);
+    ui.level.value = level;
+  });
+  try {
+    await r.start();
+  } catch (e) {
+    await r.stop().catch(() => {});
+    throw new Error(`Recording did not start: ${e.message}`);
+  }
+  ui.time.textContent = "0:00";
+  ui.box.hidden = false;
+  return r;
+}
+
+/** Stops `r` and hides `box`; the clip as a WAV Blob, or an Error when it captured nothing. */
+export async function finish(r, box) {
+  box.hidden = true;
+  const wav = await r.stop();
+  if (!wav) throw new Error("The recording captured no sound.");
+  return wav;
+}

@@ -6,7 +6,7 @@
 
 import * as api from "./api.js";
 import { download, onDrop } from "./media.js";
-import { clock, Recorder } from "./recorder.js";
+import { finish, record } from "./recorder.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -115,28 +115,23 @@ export class TranscribeView {
   }
 
   async startRecording() {
-    const r = new Recorder((seconds, level) => {
-      $("transcribe-rec-time").textContent = clock(seconds);
-      $("transcribe-rec-level").value = level;
-    });
     try {
-      await r.start();
+      this.recorder = await record({ box: $("transcribe-recording"), time: $("transcribe-rec-time"), level: $("transcribe-rec-level") });
     } catch (e) {
-      await r.stop().catch(() => {});
-      return this.showError(`Recording did not start: ${e.message}`);
+      this.showError(e.message);
     }
-    this.recorder = r;
-    $("transcribe-rec-time").textContent = "0:00";
-    $("transcribe-recording").hidden = false;
   }
 
   async stopRecording() {
     const r = this.recorder;
     if (!r) return;
     this.recorder = null;
-    $("transcribe-recording").hidden = true;
-    const wav = await r.stop();
-    if (!wav) return this.showError("The recording captured no sound.");
+    let wav;
+    try {
+      wav = await finish(r, $("transcribe-recording"));
+    } catch (e) {
+      return this.showError(e.message);
+    }
     this.use(wav, "recording.wav");
   }
 }
