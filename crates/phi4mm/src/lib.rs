@@ -5,13 +5,14 @@
 //! text (tokenizer, chat template, prompt, sampler, detokenizer), [`vision`] and [`audio`] turn
 //! media into features, [`decoder`] (LoRA, LongRoPE, KV cache) turns embeddings into logits on
 //! the [`kernels`], [`engine`] runs the stages in order for one request and [`scheduler`] runs
-//! many requests together. Dependencies point one way: nothing below the engine knows about
+//! many requests together; [`eval`] scores predictions with the field's metrics. Dependencies point one way: nothing below the engine knows about
 //! requests.
 
 pub mod audio;
 pub mod decoder;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod kernels;
 pub mod model;
 pub mod scheduler;
