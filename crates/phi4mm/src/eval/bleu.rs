@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 
-use super::py_split;
+use super::{py_space, py_split, py_strip};
 use crate::error::{Error, Result};
 
 /// sacreBLEU's tokenizers that phi4mm reproduces.
@@ -89,7 +89,7 @@ pub fn corpus_bleu<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>, tok:
     let (mut sys_len, mut ref_len) = (0usize, 0usize);
     for (r, h) in pairs {
         // sacreBLEU strips trailing whitespace before tokenizing (`_preprocess_segment`).
-        let (r, h) = (tok.tokenize(r.trim_end_matches(super::py_space)), tok.tokenize(h.trim_end_matches(super::py_space)));
+        let (r, h) = (tok.tokenize(r.trim_end_matches(py_space)), tok.tokenize(h.trim_end_matches(py_space)));
         let (r, h): (Vec<&str>, Vec<&str>) = (py_split(&r).collect(), py_split(&h).collect());
         sys_len += h.len();
         ref_len += r.len();
@@ -145,21 +145,33 @@ fn score(correct: &[usize; MAX_ORDER], total: &[usize; MAX_ORDER], sys_len: usiz
 
 /// The four substitutions of `TokenizerRegexp` (shared by 13a and zh), then a whitespace split.
 fn regexp_post(line: &str) -> String {
-    static RES: OnceLock<Option<[(Regex, &'static str); 4]>> = OnceLock::new();
-    let res = RES.get_or_init(|| {
-        Some([
+    static RULES: OnceLock<Option<Vec<(Regex, &'static str)>>> = OnceLock::new();
+    let rules = RULES.get_or_init(|| {
+        compile(&[
             // ASCII punctuation and symbols except `'`, `-`, `.`, `,` (the ranges {-~, [-`, space-&, (-+, :-@ and /).
-            (Regex::new(r"([\{-~\[-` -&\(-\+:-@/])").ok()?, " $1 "),
+            (r"([\{-~\[-` -&\(-\+:-@/])", " $1 "),
             // Period and comma unless preceded by a digit ...
-            (Regex::new(r"([^0-9])([\.,])").ok()?, "$1 $2 "),
+            (r"([^0-9])([\.,])", "$1 $2 "),
             // ... and unless followed by a digit.
-            (Regex::new(r"([\.,])([^0-9])").ok()?, " $1 $2"),
+            (r"([\.,])([^0-9])", " $1 $2"),
             // A dash after a digit.
-            (Regex::new(r"([0-9])(-)").ok()?, "$1 $2 "),
+            (r"([0-9])(-)", "$1 $2 "),
         ])
     });
+    substitute(rules, line)
+}
+
+/// Compiled `(pattern, replacement)` rules (`None` only if a constant pattern were invalid, which
+/// the unit tests rule out).
+fn compile(rules: &[(&str, &'static str)]) -> Option<Vec<(Regex, &'static str)>> {
+    rules.iter().map(|&(p, r)| Some((Regex::new(p).ok()?, r))).collect()
+}
+
+/// Every rule applied in order over the whole line (Python's `re.sub`), then a whitespace split
+/// joined by single spaces.
+fn substitute(rules: &Option<Vec<(Regex, &'static str)>>, line: &str) -> String {
     let mut s = line.to_owned();
-    for (re, rep) in res.iter().flatten() {
+    for (re, rep) in rules.iter().flatten() {
         s = re.replace_all(&s, *rep).into_owned();
     }
     py_split(&s).collect::<Vec<_>>().join(" ")
@@ -179,7 +191,7 @@ fn v13a(line: &str) -> String {
 /// [`regexp_post`] (no entity handling, no padding).
 fn zh(line: &str) -> String {
     let mut s = String::with_capacity(line.len() * 2);
-    for c in super::py_strip(line).chars() {
+    for c in py_strip(line).chars() {
         if is_zh_char(c) {
             s.push(' ');
             s.push(c);
@@ -227,19 +239,9 @@ fn is_zh_char(c: char) -> bool {
 
 /// `TokenizerV14International`: punctuation split off unless between digits, symbols split off.
 fn intl(line: &str) -> String {
-    static RES: OnceLock<Option<[(Regex, &'static str); 3]>> = OnceLock::new();
-    let res = RES.get_or_init(|| {
-        Some([
-            (Regex::new(r"(\P{N})(\p{P})").ok()?, "$1 $2 "),
-            (Regex::new(r"(\p{P})(\P{N})").ok()?, " $1 $2"),
-            (Regex::new(r"(\p{S})").ok()?, " $1 "),
-        ])
-    });
-    let mut s = line.to_owned();
-    for (re, rep) in res.iter().flatten() {
-        s = re.replace_all(&s, *rep).into_owned();
-    }
-    py_split(&s).collect::<Vec<_>>().join(" ")
+    static RULES: OnceLock<Option<Vec<(Regex, &'static str)>>> = OnceLock::new();
+    let rules = RULES.get_or_init(|| compile(&[(r"(\P{N})(\p{P})", "$1 $2 "), (r"(\p{P})(\P{N})", " $1 $2"), (r"(\p{S})", " $1 ")]));
+    substitute(rules, line)
 }
 
 #[cfg(test)]
