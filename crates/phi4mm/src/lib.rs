@@ -5,7 +5,8 @@
 //! text (tokenizer, chat template, prompt, sampler, detokenizer), [`vision`] and [`audio`] turn
 //! media into features, [`decoder`] (LoRA, LongRoPE, KV cache) turns embeddings into logits on
 //! the [`kernels`], [`engine`] runs the stages in order for one request and [`scheduler`] runs
-//! many requests together; [`eval`] scores predictions with the field's metrics. Dependencies point one way: nothing below the engine knows about
+//! many requests together; [`eval`] scores predictions with the field's metrics and [`train`]
+//! fine-tunes the LoRA adapters. Dependencies point one way: nothing below the engine knows about
 //! requests.
 
 pub mod audio;
@@ -17,6 +18,7 @@ pub mod kernels;
 pub mod model;
 pub mod scheduler;
 pub mod text;
+pub mod train;
 pub mod vision;
 
 pub use candle_core::{DType, Device};

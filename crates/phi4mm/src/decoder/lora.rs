@@ -33,16 +33,16 @@ impl Adapter {
 
 /// One adapter's low-rank pair.
 #[derive(Debug, Clone)]
-struct LoraPair {
-    a: Matrix, // [r, in]
-    b: Matrix, // [out, r]
-    scale: f64,
+pub(super) struct LoraPair {
+    pub(super) a: Matrix, // [r, in]
+    pub(super) b: Matrix, // [out, r]
+    pub(super) scale: f64,
 }
 
 /// A bias-free linear with optional vision and speech adapters.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    base: Matrix, // [out, in]
+    pub(super) base: Matrix, // [out, in]
     vision: Option<LoraPair>,
     speech: Option<LoraPair>,
 }
@@ -106,12 +106,15 @@ impl LoraLinear {
         }
     }
 
-    fn pair(&self, adapter: Adapter) -> Result<&LoraPair> {
-        let pair = match adapter {
+    pub(super) fn pair_opt(&self, adapter: Adapter) -> Option<&LoraPair> {
+        match adapter {
             Adapter::Vision => self.vision.as_ref(),
             Adapter::Speech => self.speech.as_ref(),
-        };
-        pair.ok_or_else(|| Error::Request(format!("this checkpoint has no {} LoRA adapter", adapter.name())))
+        }
+    }
+
+    fn pair(&self, adapter: Adapter) -> Result<&LoraPair> {
+        self.pair_opt(adapter).ok_or_else(|| Error::Request(format!("this checkpoint has no {} LoRA adapter", adapter.name())))
     }
 
     /// `x` `[n, in]` → `[n, out]` with the base weight and, if given, the adapter.

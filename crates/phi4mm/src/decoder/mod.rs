@@ -12,10 +12,12 @@ pub mod lora;
 pub mod rope;
 
 mod step;
+mod tensors;
 
 pub use chunk::Prefill;
 use chunk::PIECES_PER_BLOCK;
 pub use step::DecodeRow;
+pub use tensors::{DecoderTensors, LayerTensors, ProjTensors, PROJ_NAMES};
 
 use candle_core::{DType, Device, Tensor, D};
 

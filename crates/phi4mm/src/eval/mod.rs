@@ -9,9 +9,11 @@
 //! `fixtures/metrics/pairs.jsonl`) test every definition here.
 
 mod bleu;
+pub mod data;
 mod edit;
 
 pub use bleu::{corpus_bleu, Bleu, BleuTokenize};
+pub use data::{read_examples, Example, Task};
 pub use edit::{cer, wer};
 
 /// Python's `str.isspace` (what `str.split()` and `str.strip()` cut on): Unicode White_Space
@@ -42,6 +44,46 @@ pub fn accuracy<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Opti
     (n > 0).then(|| hits as f64 / n as f64)
 }
 
+/// The metrics of a scored set; each is present when its task computes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    /// Pairs scored.
+    pub n: usize,
+    /// Corpus WER as a fraction (jiwer's convention).
+    pub wer: Option<f64>,
+    /// Corpus CER as a fraction.
+    pub cer: Option<f64>,
+    pub bleu: Option<Bleu>,
+    /// Exact-match accuracy as a fraction.
+    pub accuracy: Option<f64>,
+}
+
+/// Scores `(reference, prediction)` pairs with `task`'s metrics (every metric when `None`):
+/// WER and CER for [`Task::Asr`] after `normalize` of both sides (a pair whose reference
+/// normalises to nothing is left out of WER and CER, as the Open ASR leaderboard does, when
+/// `normalize` is not the identity), BLEU for [`Task::Ast`], accuracy for [`Task::Vqa`].
+pub fn score(pairs: &[(String, String)], task: Option<&Task>, tok: BleuTokenize, normalize: Option<&dyn Fn(&str) -> String>) -> Scores {
+    let wants = |t: fn(&Task) -> bool| task.is_none_or(t);
+    let mut s = Scores { n: pairs.len(), wer: None, cer: None, bleu: None, accuracy: None };
+    if wants(|t| matches!(t, Task::Asr)) {
+        let normed: Vec<(String, String)> = match normalize {
+            Some(f) => pairs.iter().map(|(r, p)| (f(r), f(p))).filter(|(r, _)| !py_strip(r).is_empty()).collect(),
+            None => pairs.to_vec(),
+        };
+        let refs = || normed.iter().map(|(r, p)| (r.as_str(), p.as_str()));
+        s.wer = Some(wer(refs()));
+        s.cer = Some(cer(refs()));
+    }
+    let pairs = || pairs.iter().map(|(r, p)| (r.as_str(), p.as_str()));
+    if wants(|t| matches!(t, Task::Ast { .. })) {
+        s.bleu = Some(corpus_bleu(pairs(), tok));
+    }
+    if wants(|t| matches!(t, Task::Vqa)) {
+        s.accuracy = accuracy(pairs());
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +99,17 @@ mod tests {
         let pairs = [("B", " b\n"), ("A", "C"), ("D", "D.")];
         assert_eq!(accuracy(pairs.iter().map(|(r, p)| (*r, *p))), Some(1.0 / 3.0));
         assert_eq!(accuracy(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn a_task_scores_only_its_metrics() {
+        let pairs = vec![("a b".to_string(), "a c".to_string()), ("[noise]".to_string(), "x".to_string())];
+        let asr = score(&pairs, Some(&Task::Asr), BleuTokenize::V13a, None);
+        assert_eq!((asr.wer, asr.bleu.is_none(), asr.accuracy), (Some(2.0 / 3.0), true, None));
+        let drop_brackets = |s: &str| if s.starts_with('[') { String::new() } else { s.to_string() };
+        let normed = score(&pairs, Some(&Task::Asr), BleuTokenize::V13a, Some(&drop_brackets));
+        assert_eq!(normed.wer, Some(0.5));
+        let all = score(&pairs, None, BleuTokenize::V13a, None);
+        assert!(all.wer.is_some() && all.cer.is_some() && all.bleu.is_some() && all.accuracy == Some(0.0));
     }
 }

@@ -27,6 +27,8 @@ pub mod cpu;
 pub mod elementwise;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod f32gemm;
+mod frozen;
+pub use frozen::frozen_linear;
 pub mod qdot;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 mod prefill;
