@@ -11,10 +11,13 @@
 mod bleu;
 pub mod data;
 mod edit;
+mod normalize;
+mod numbers;
 
 pub use bleu::{corpus_bleu, Bleu, BleuTokenize};
 pub use data::{read_examples, Example, Task};
 pub use edit::{cer, wer};
+pub use normalize::Normalize;
 
 /// Python's `str.isspace` (what `str.split()` and `str.strip()` cut on): Unicode White_Space
 /// plus the four ASCII separators U+001C..U+001F.
