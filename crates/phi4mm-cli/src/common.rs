@@ -32,6 +32,22 @@ pub struct ModelArgs {
     /// Load only the text decoder: no image or audio encoder, no LoRA adapters (less memory).
     #[arg(long)]
     pub text_only: bool,
+    /// Use a fine-tuned adapter in place of the checkpoint's: `speech=DIR` or `vision=DIR`
+    /// (a folder written by `phi4mm finetune`, or a PEFT adapter of this model). Repeatable.
+    #[arg(long, value_name = "MODE=DIR")]
+    pub adapter: Vec<String>,
+}
+
+/// `speech=DIR` / `vision=DIR`.
+pub fn parse_adapter(s: &str) -> Result<(phi4mm::decoder::lora::Adapter, PathBuf)> {
+    use phi4mm::decoder::lora::Adapter;
+    let (mode, dir) = s.split_once('=').with_context(|| format!("--adapter `{s}`: use speech=DIR or vision=DIR"))?;
+    let adapter = match mode.trim() {
+        "speech" => Adapter::Speech,
+        "vision" => Adapter::Vision,
+        other => bail!("--adapter `{s}`: unknown mode `{other}` (speech or vision)"),
+    };
+    Ok((adapter, PathBuf::from(dir)))
 }
 
 impl ModelArgs {
@@ -111,9 +127,17 @@ impl ModelArgs {
                 b.set_position(done);
             })),
         };
+        let adapters = self.adapter.iter().map(|a| parse_adapter(a)).collect::<Result<Vec<_>>>()?;
+        if self.text_only && !adapters.is_empty() {
+            bail!("--adapter needs the adapters' encoders: drop --text-only");
+        }
         let t = Instant::now();
-        let engine = Engine::load(&dir, opts).with_context(|| format!("loading {}", dir.display()))?;
+        let mut engine = Engine::load(&dir, opts).with_context(|| format!("loading {}", dir.display()))?;
         bar.finish_and_clear();
+        for (adapter, path) in adapters {
+            engine.load_adapter(adapter, &path)?;
+            tracing::info!("{} adapter from {}", adapter.name(), path.display());
+        }
         Ok((engine, t.elapsed().as_secs_f64()))
     }
 }

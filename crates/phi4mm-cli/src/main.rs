@@ -1,7 +1,8 @@
 //! `phi4mm`: run Phi-4-multimodal-instruct from the command line.
 //!
 //! `run` answers one prompt, `chat` keeps a conversation, `bench` measures speed, `quantize`
-//! writes a quantised copy of a checkpoint. Arguments are
+//! writes a quantised copy of a checkpoint, `serve` is the HTTP API, `eval` scores a set,
+//! `finetune` trains an adapter. Arguments are
 //! validated here into library requests; everything else happens in the `phi4mm` crate.
 
 mod bench;
@@ -9,6 +10,8 @@ mod bench_batch;
 mod bench_prefix;
 mod chat;
 mod common;
+mod eval;
+mod finetune;
 mod quantize;
 mod run;
 mod serve;
@@ -40,6 +43,11 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Serve the OpenAI-compatible HTTP API (chat, completions, tokenize, models, health).
     Serve(serve::ServeArgs),
+    /// Run the model over a JSON-lines set and score it (WER, CER, BLEU, accuracy), or score
+    /// existing predictions.
+    Eval(eval::EvalArgs),
+    /// Fine-tune the speech or vision LoRA adapter on a JSON-lines set.
+    Finetune(finetune::FinetuneArgs),
 }
 
 /// Keeps freed memory in the process (glibc). Prefill's tensors are tens of MB each; by default
@@ -77,6 +85,8 @@ fn main() {
         Command::Transcribe(a) => transcribe::run(a),
         Command::Quantize(a) => quantize::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Finetune(a) => finetune::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -106,6 +106,41 @@ impl LoraLinear {
         }
     }
 
+    /// Replaces (or adds) `adapter`'s pair by `a` `[r, in]`, `b` `[out, r]` with output scale
+    /// `scale`, in this layer's format: Q8_0 when the base is quantised and the widths allow,
+    /// else dense in `dtype`.
+    pub(super) fn set_pair(&mut self, adapter: Adapter, a: &Tensor, b: &Tensor, scale: f64, dtype: DType) -> Result<()> {
+        let (out_dim, in_dim) = self.base.dims()?;
+        let (ar, ac) = a.dims2()?;
+        let (br, bc) = b.dims2()?;
+        if ac != in_dim || br != out_dim || ar != bc {
+            return Err(Error::Request(format!("LoRA A {:?} and B {:?} do not fit a [{out_dim}, {in_dim}] projection", a.dims(), b.dims())));
+        }
+        let quant = matches!(self.base, Matrix::Quant(_));
+        let convert = |t: &Tensor| -> Result<Matrix> {
+            let (rows, cols) = t.dims2()?;
+            if quant && cols % crate::model::quant::BLOCK == 0 {
+                let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                return Ok(Matrix::Quant(std::sync::Arc::new(crate::model::quant::QMatrix::quantize(QType::Q8_0, &v, rows, cols)?)));
+            }
+            Ok(Matrix::Dense(t.to_dtype(dtype)?.contiguous()?))
+        };
+        let pair = Some(LoraPair { a: convert(a)?, b: convert(b)?, scale });
+        match adapter {
+            Adapter::Vision => self.vision = pair,
+            Adapter::Speech => self.speech = pair,
+        }
+        Ok(())
+    }
+
+    /// Removes `adapter`'s pair (requests of that mode then fail to run).
+    pub(super) fn drop_pair(&mut self, adapter: Adapter) {
+        match adapter {
+            Adapter::Vision => self.vision = None,
+            Adapter::Speech => self.speech = None,
+        }
+    }
+
     pub(super) fn pair_opt(&self, adapter: Adapter) -> Option<&LoraPair> {
         match adapter {
             Adapter::Vision => self.vision.as_ref(),

@@ -1,5 +1,8 @@
 //! The decoder's weights as plain tensors, for the trainer's differentiable forward
-//! (`crate::train`): the same tensors the engine runs on, not a second copy.
+//! (`crate::train`): the same tensors the engine runs on, not a second copy; and an adapter's
+//! pairs replaced by trained ones.
+
+use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -47,10 +50,7 @@ pub struct DecoderTensors {
 fn dense(m: &Matrix, what: &str) -> Result<Tensor> {
     match m {
         Matrix::Dense(t) => Ok(t.clone()),
-        Matrix::Quant(q) => Err(Error::Request(format!(
-            "{what} is stored as {}; training needs the unquantised checkpoint (bf16 or f32)",
-            q.qtype().name()
-        ))),
+        Matrix::Quant(q) => Err(Error::Request(format!("{what} is stored as {}; training needs the unquantised checkpoint (bf16 or f32)", q.qtype().name()))),
     }
 }
 
@@ -63,6 +63,40 @@ fn proj(p: &LoraLinear, adapter: Adapter, what: &str) -> Result<ProjTensors> {
 }
 
 impl Decoder {
+    /// Replaces `adapter` on every projection by the pairs in `tensors` (checkpoint names,
+    /// `model.layers.{i}.{proj}.lora_{A,B}.{adapter}.weight`), scaled by `scale`. Every
+    /// projection must be covered and every tensor used.
+    pub fn set_adapter(&mut self, adapter: Adapter, tensors: &HashMap<String, Tensor>, scale: f64) -> Result<()> {
+        let n = adapter.name();
+        let dtype = self.dtype;
+        let mut used = 0;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let projs = [&mut l.self_attn.qkv_proj, &mut l.self_attn.o_proj, &mut l.mlp.gate_up_proj, &mut l.mlp.down_proj];
+            for (p, proj) in PROJ_NAMES.iter().zip(projs) {
+                let get = |ab: &str| {
+                    let name = format!("model.layers.{i}.{p}.lora_{ab}.{n}.weight");
+                    tensors.get(&name).ok_or(Error::MissingTensor(name))
+                };
+                let (a, b) = (get("A")?, get("B")?);
+                proj.set_pair(adapter, &a.to_device(&self.device)?, &b.to_device(&self.device)?, scale, dtype)?;
+                used += 2;
+            }
+        }
+        if used != tensors.len() {
+            return Err(Error::Request(format!("the adapter has {} tensors but the decoder takes {used}", tensors.len())));
+        }
+        Ok(())
+    }
+
+    /// Frees `adapter` (a trainer that does not use it).
+    pub fn drop_adapter(&mut self, adapter: Adapter) {
+        for l in &mut self.layers {
+            for p in [&mut l.self_attn.qkv_proj, &mut l.self_attn.o_proj, &mut l.mlp.gate_up_proj, &mut l.mlp.down_proj] {
+                p.drop_pair(adapter);
+            }
+        }
+    }
+
     /// The weights as tensors, with `adapter`'s pairs (errors on quantised weights or an
     /// untied LM head, which no Phi-4-multimodal checkpoint has).
     pub fn tensors(&self, adapter: Adapter) -> Result<DecoderTensors> {

@@ -183,6 +183,21 @@ impl Engine {
         &self.tokenizer
     }
 
+    /// Uses the adapter saved in `dir` (by `phi4mm finetune`, or PEFT in the same layout) as
+    /// `adapter`, unmerged, in place of the checkpoint's, in the decoder's weight format.
+    pub fn load_adapter(&mut self, adapter: crate::decoder::lora::Adapter, dir: &Path) -> Result<crate::model::adapter::AdapterInfo> {
+        let (info, tensors) = crate::model::adapter::load(dir, adapter.name())?;
+        let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        self.decoder.set_adapter(adapter, &map, info.alpha / info.rank as f64).map_err(|e| Error::Request(format!("adapter {}: {e}", dir.display())))?;
+        Ok(info)
+    }
+
+    /// Frees `adapter`'s weights (a fine-tuning run that does not use them); requests of that
+    /// mode fail afterwards.
+    pub fn drop_adapter(&mut self, adapter: crate::decoder::lora::Adapter) {
+        self.decoder.drop_adapter(adapter);
+    }
+
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
     }

@@ -78,6 +78,9 @@ pub fn load(dir: &Path, mode: &str) -> Result<(AdapterInfo, Vec<(String, Tensor)
     if v.get("use_rslora").and_then(|b| b.as_bool()) == Some(true) {
         return Err(Error::Request(format!("{}: rsLoRA adapters are not supported", cfg_path.display())));
     }
+    if let Some(m) = v.pointer("/phi4mm/mode").and_then(|m| m.as_str()).filter(|m| *m != mode) {
+        return Err(Error::Request(format!("{} is a {m} adapter, not a {mode} one", dir.display())));
+    }
     let base_model = v.get("base_model_name_or_path").and_then(|b| b.as_str()).unwrap_or("").to_string();
     let wpath = dir.join(WEIGHTS_FILE);
     let raw = candle_core::safetensors::load(&wpath, &Device::Cpu).map_err(|e| Error::Request(format!("cannot read {}: {e}", wpath.display())))?;

@@ -1,5 +1,5 @@
-//! AdamW as `torch.optim.AdamW` computes it (its single-tensor path), global grad-norm clipping
-//! as `torch.nn.utils.clip_grad_norm_`, and the linear warmup-then-decay schedule of
+//! AdamW as `torch.optim.AdamW` computes it (its single-tensor path), the factor of global
+//! grad-norm clipping as `torch.nn.utils.clip_grad_norm_`, and the linear warmup-then-decay schedule of
 //! transformers' `get_linear_schedule_with_warmup`.
 //!
 //! Hand-written rather than `candle_nn::optim::AdamW`: that one keeps its moments private (no
@@ -39,44 +39,37 @@ impl AdamW {
         AdamW { t: 0, m: sizes.iter().map(|&n| vec![0.0; n]).collect(), v: sizes.iter().map(|&n| vec![0.0; n]).collect() }
     }
 
-    /// One update of `params` with `grads` at learning rate `lr`.
-    pub fn step(&mut self, cfg: &AdamWConfig, lr: f64, params: &mut [Vec<f32>], grads: &[Vec<f32>]) -> Result<()> {
-        if params.len() != self.m.len() || grads.len() != self.m.len() {
-            return Err(Error::Request(format!("optimizer state has {} parameters, the step {}", self.m.len(), params.len())));
+    /// Parameter `i`'s part of update [`AdamW::t`] (counted from 1; the caller advances it once
+    /// per update) with its gradient `g` at learning rate `lr`.
+    pub fn update(&mut self, i: usize, cfg: &AdamWConfig, lr: f64, p: &mut [f32], g: &[f32]) -> Result<()> {
+        let (Some(m), Some(v)) = (self.m.get_mut(i), self.v.get_mut(i)) else {
+            return Err(Error::Request(format!("optimizer state has {} parameters, not {}", self.m.len(), i + 1)));
+        };
+        if g.len() != p.len() || m.len() != p.len() {
+            return Err(Error::Request("a gradient does not match its parameter's size".into()));
         }
-        self.t += 1;
-        let t = self.t as i32;
+        let t = self.t.max(1) as i32;
         // torch computes these in Python floats (f64), then applies them to f32 tensors.
         let bc1 = 1.0 - cfg.beta1.powi(t);
-        let bc2_sqrt = (1.0 - cfg.beta2.powi(t)).sqrt();
+        let bc2_sqrt = ((1.0 - cfg.beta2.powi(t)).sqrt()) as f32;
         let (decay, step_size) = ((1.0 - lr * cfg.weight_decay) as f32, (lr / bc1) as f32);
-        let (b1w, b2, b2w) = ((1.0 - cfg.beta1) as f32, cfg.beta2 as f32, (1.0 - cfg.beta2) as f32);
-        let (bc2_sqrt, eps) = (bc2_sqrt as f32, cfg.eps as f32);
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
-            if g.len() != p.len() || m.len() != p.len() {
-                return Err(Error::Request("a gradient does not match its parameter's size".into()));
-            }
-            for i in 0..p.len() {
-                p[i] *= decay;
-                m[i] += b1w * (g[i] - m[i]); // lerp
-                v[i] = v[i] * b2 + b2w * g[i] * g[i];
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] -= step_size * (m[i] / denom);
-            }
+        let (b1w, b2, b2w, eps) = ((1.0 - cfg.beta1) as f32, cfg.beta2 as f32, (1.0 - cfg.beta2) as f32, cfg.eps as f32);
+        for k in 0..p.len() {
+            p[k] *= decay;
+            m[k] += b1w * (g[k] - m[k]); // lerp
+            v[k] = v[k] * b2 + b2w * g[k] * g[k];
+            let denom = v[k].sqrt() / bc2_sqrt + eps;
+            p[k] -= step_size * (m[k] / denom);
         }
         Ok(())
     }
 }
 
-/// Scales `grads` so that their global 2-norm is at most `max_norm`, as torch does (coefficient
-/// `max_norm / (norm + 1e-6)` clamped to 1, applied always). Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
-    let norm = grads.iter().map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()).sum::<f64>().sqrt();
-    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
-    for g in grads.iter_mut() {
-        g.iter_mut().for_each(|x| *x *= coef);
-    }
-    norm
+/// torch's `clip_grad_norm_` for a global gradient norm `norm`: the factor every gradient is
+/// multiplied by, `max_norm / (norm + 1e-6)` clamped to 1 (applied always). Returns
+/// `(norm, factor)`.
+pub fn clip_coef(norm: f64, max_norm: f64) -> (f64, f32) {
+    (norm, (max_norm / (norm + 1e-6)).min(1.0) as f32)
 }
 
 /// The learning rate of update `step` (0-based) of `total`: linear warmup from 0 over
@@ -100,9 +93,8 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let mut g = vec![vec![3.0f32], vec![4.0]];
-        assert_eq!(clip_grad_norm(&mut g, 1.0), 5.0);
-        assert!((g[0][0] - 0.6).abs() < 1e-6 && (g[1][0] - 0.8).abs() < 1e-6);
+        assert_eq!(clip_coef(5.0, 1.0), (5.0, (1.0 / (5.0 + 1e-6)) as f32));
+        assert_eq!(clip_coef(0.5, 1.0).1, 1.0);
     }
 
     #[test]
@@ -110,8 +102,9 @@ mod tests {
         // Step 1 of Adam: m̂ = g, v̂ = g², so each weight moves by lr·g/(|g| + eps) (plus decay).
         let cfg = AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() };
         let mut opt = AdamW::new(&[2]);
-        let mut p = vec![vec![1.0f32, 1.0]];
-        opt.step(&cfg, 0.1, &mut p, &[vec![2.0, -0.5]]).unwrap();
-        assert!((p[0][0] - 0.9).abs() < 1e-6 && (p[0][1] - 1.1).abs() < 1e-6, "{p:?}");
+        opt.t = 1;
+        let mut p = vec![1.0f32, 1.0];
+        opt.update(0, &cfg, 0.1, &mut p, &[2.0, -0.5]).unwrap();
+        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] - 1.1).abs() < 1e-6, "{p:?}");
     }
 }

@@ -52,14 +52,14 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[r1, r2, x.narrow(2, rot, d - rot)?], 2)?)
 }
 
-/// One projection: frozen base plus the trained pair, if this projection has one.
+/// One projection: frozen base plus the trained pair, if this projection has one. The pair
+/// runs in f32 on the f32 variables (no low-precision copy of them is kept for the backward).
 fn project(x: &Tensor, p: &ProjTensors, lora: Option<&Lora>) -> Result<Tensor> {
     let y = frozen_linear(x, &p.base)?;
     let Some(l) = lora else { return Ok(y) };
-    let dt = x.dtype();
-    let low = x.matmul(&l.a.as_tensor().to_dtype(dt)?.t()?)?;
-    let delta = (low.matmul(&l.b.as_tensor().to_dtype(dt)?.t()?)? * l.scale)?;
-    Ok((y + delta)?)
+    let low = x.to_dtype(DType::F32)?.matmul(&l.a.as_tensor().t()?)?;
+    let delta = (low.matmul(&l.b.as_tensor().t()?)? * l.scale)?;
+    Ok((y + delta.to_dtype(x.dtype())?)?)
 }
 
 /// Causal GQA self-attention of `h` `[n, hidden]` (positions `0..n`), in f32 like the engine.

@@ -10,7 +10,6 @@
 //! [`forward`]'s differentiable decoder; the frozen weights get none.
 
 pub mod adamw;
-pub mod adapter;
 mod forward;
 
 use candle_core::{DType, Tensor, Var};
@@ -23,6 +22,9 @@ use crate::eval::{Example, Task};
 use crate::{GenerateRequest, MediaInput, Message, PromptInput};
 pub use adamw::{AdamW, AdamWConfig};
 use forward::{target_nll, Lora};
+
+/// The optimizer state's file in a saved step's folder.
+pub const STATE_FILE: &str = "optimizer.safetensors";
 
 /// How to train.
 #[derive(Debug, Clone)]
@@ -89,7 +91,7 @@ impl<'e> Trainer<'e> {
         let name = opts.adapter.name();
         let (rank, alpha, loras) = match opts.fresh {
             Some((r, alpha)) => (r, alpha, fresh_loras(&w, r, alpha, opts.seed)?),
-            None => checkpoint_loras(engine, &w, name)?,
+            None => checkpoint_loras(&w, name)?,
         };
         let sizes: Vec<usize> = loras.iter().flatten().flatten().flat_map(|l| [l.a.elem_count(), l.b.elem_count()]).collect();
         Ok(Trainer { engine, w, loras, opts, opt: AdamW::new(&sizes), rank, alpha })
@@ -134,40 +136,106 @@ impl<'e> Trainer<'e> {
     /// The batch's mean loss per target token and every trained parameter's gradient of it (in
     /// [`Trainer::parameters`] order), one example at a time.
     pub fn loss_and_grads(&self, items: &[TrainItem]) -> Result<(f64, Vec<Vec<f32>>, usize)> {
+        let (loss, grads, tokens) = self.grad_tensors(items)?;
+        let grads = grads.iter().map(|g| Ok(g.flatten_all()?.to_vec1::<f32>()?)).collect::<Result<Vec<_>>>()?;
+        Ok((loss, grads, tokens))
+    }
+
+    /// [`Trainer::loss_and_grads`] with the gradients as f32 tensors (the first example's
+    /// gradients are the accumulator: no second set of buffers for a batch of one).
+    fn grad_tensors(&self, items: &[TrainItem]) -> Result<(f64, Vec<Tensor>, usize)> {
         let tokens: usize = items.iter().map(|i| i.targets.len()).sum();
         if tokens == 0 {
             return Err(Error::Request("the batch has no target tokens".into()));
         }
-        let vars: Vec<&Var> = self.loras.iter().flatten().flatten().flat_map(|l| [&l.a, &l.b]).collect();
-        let mut acc: Vec<Vec<f32>> = vars.iter().map(|v| vec![0.0; v.elem_count()]).collect();
+        let vars = self.vars();
+        let mut acc: Vec<Tensor> = Vec::new();
         let mut loss = 0.0;
         for item in items {
             let nll = (target_nll(&self.w, &self.loras, &item.embeds, &item.targets)? / tokens as f64)?;
             loss += nll.to_scalar::<f32>()? as f64;
-            let grads = nll.backward()?;
-            for (a, v) in acc.iter_mut().zip(&vars) {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    a.iter_mut().zip(g).for_each(|(x, y)| *x += y);
+            let mut grads = nll.backward()?;
+            for (i, v) in vars.iter().enumerate() {
+                let g = match grads.remove(v.as_tensor()) {
+                    Some(g) => g.to_dtype(DType::F32)?,
+                    None => v.as_tensor().zeros_like()?,
+                };
+                match acc.get_mut(i) {
+                    Some(a) => *a = (&*a + g)?,
+                    None => acc.push(g),
                 }
             }
         }
         Ok((loss, acc, tokens))
     }
 
+    fn vars(&self) -> Vec<&Var> {
+        self.loras.iter().flatten().flatten().flat_map(|l| [&l.a, &l.b]).collect()
+    }
+
     /// One update on a global batch: gradients, clipping, AdamW at the scheduled rate
-    /// (`total_updates` of the run sets the decay).
+    /// (`total_updates` of the run sets the decay), one tensor at a time.
     pub fn step(&mut self, items: &[TrainItem], total_updates: usize) -> Result<StepStats> {
-        let (loss, mut grads, tokens) = self.loss_and_grads(items)?;
-        let grad_norm = adamw::clip_grad_norm(&mut grads, self.opts.max_grad_norm);
+        let (loss, grads, tokens) = self.grad_tensors(items)?;
+        let sq: f64 = grads.iter().map(|g| Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)).sum::<Result<f64>>()?;
+        let (grad_norm, coef) = adamw::clip_coef(sq.sqrt(), self.opts.max_grad_norm);
         let lr = adamw::linear_schedule(self.opts.optim.lr, self.opt.t, self.opts.warmup_steps, total_updates);
-        let vars: Vec<&Var> = self.loras.iter().flatten().flatten().flat_map(|l| [&l.a, &l.b]).collect();
-        let mut params = vars.iter().map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)).collect::<Result<Vec<_>>>()?;
-        self.opt.step(&self.opts.optim, lr, &mut params, &grads)?;
-        for (v, p) in vars.iter().zip(params) {
+        self.opt.t += 1;
+        let vars: Vec<Var> = self.vars().into_iter().cloned().collect();
+        for (i, (v, g)) in vars.iter().zip(grads).enumerate() {
+            let mut p = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let mut g = g.flatten_all()?.to_vec1::<f32>()?;
+            g.iter_mut().for_each(|x| *x *= coef);
+            self.opt.update(i, &self.opts.optim, lr, &mut p, &g)?;
             v.set(&Tensor::from_vec(p, v.shape(), v.device())?)?;
         }
         Ok(StepStats { loss, grad_norm, lr, tokens })
+    }
+
+    /// The batch's mean loss per target token, forward only (evaluation).
+    pub fn loss(&self, items: &[TrainItem]) -> Result<f64> {
+        let tokens: usize = items.iter().map(|i| i.targets.len()).sum();
+        let mut sum = 0.0;
+        for item in items {
+            sum += target_nll(&self.w, &self.loras, &item.embeds, &item.targets)?.to_scalar::<f32>()? as f64;
+        }
+        Ok(sum / tokens.max(1) as f64)
+    }
+
+    /// Writes the optimizer state (`optimizer.safetensors`: both moments of every trained
+    /// tensor, and the update count) into `dir`, beside an adapter saved there.
+    pub fn save_state(&self, dir: &std::path::Path) -> Result<()> {
+        let mut map = std::collections::HashMap::new();
+        for ((name, t), (m, v)) in self.parameters().iter().zip(self.opt.m.iter().zip(&self.opt.v)) {
+            map.insert(format!("exp_avg.{name}"), Tensor::from_slice(m, t.shape(), &candle_core::Device::Cpu)?);
+            map.insert(format!("exp_avg_sq.{name}"), Tensor::from_slice(v, t.shape(), &candle_core::Device::Cpu)?);
+        }
+        map.insert("step".into(), Tensor::new(&[self.opt.t as u32], &candle_core::Device::Cpu)?);
+        Ok(candle_core::safetensors::save(&map, dir.join(STATE_FILE))?)
+    }
+
+    /// Continues from `dir` (an adapter and optimizer state saved by a run with the same
+    /// adapter shapes): the trained values, both moments and the update count.
+    pub fn resume(&mut self, dir: &std::path::Path) -> Result<()> {
+        let name = self.opts.adapter.name();
+        let (_, tensors) = crate::model::adapter::load(dir, name)?;
+        let saved: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        let path = dir.join(STATE_FILE);
+        let state = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| Error::Request(format!("cannot read {}: {e}", path.display())))?;
+        let vec = |map: &std::collections::HashMap<String, Tensor>, k: &str| -> Result<Vec<f32>> {
+            let t = map.get(k).ok_or_else(|| Error::Request(format!("{} has no `{k}`", dir.display())))?;
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
+        let mut opt = AdamW::default();
+        let mut params = Vec::with_capacity(names.len());
+        for n in &names {
+            params.push(vec(&saved, n)?);
+            opt.m.push(vec(&state, &format!("exp_avg.{n}"))?);
+            opt.v.push(vec(&state, &format!("exp_avg_sq.{n}"))?);
+        }
+        opt.t = state.get("step").map(|t| t.to_vec1::<u32>()).transpose()?.and_then(|v| v.first().copied()).unwrap_or(0) as usize;
+        self.restore(params, opt)
     }
 
     /// The trained tensors with their checkpoint names
@@ -197,7 +265,7 @@ impl<'e> Trainer<'e> {
 
     /// Replaces the optimizer state and the trained values (a resumed run), by parameter order.
     pub fn restore(&mut self, params: Vec<Vec<f32>>, opt: AdamW) -> Result<()> {
-        let vars: Vec<&Var> = self.loras.iter().flatten().flatten().flat_map(|l| [&l.a, &l.b]).collect();
+        let vars = self.vars();
         if params.len() != vars.len() || opt.m.len() != vars.len() || params.iter().zip(&vars).any(|(p, v)| p.len() != v.elem_count()) {
             return Err(Error::Request("the saved state does not match this adapter's shapes".into()));
         }
@@ -209,13 +277,14 @@ impl<'e> Trainer<'e> {
     }
 }
 
-/// The checkpoint's pairs of `name` as f32 variables.
-fn checkpoint_loras(engine: &Engine, w: &DecoderTensors, name: &str) -> Result<(usize, f64, Vec<[Option<Lora>; 4]>)> {
-    let cfg = match name {
-        "speech" => engine.config().speech_lora.as_ref(),
-        _ => engine.config().vision_lora.as_ref(),
+/// The loaded pairs of `name` (the checkpoint's, or an adapter loaded over them) as f32
+/// variables, with their rank and alpha.
+fn checkpoint_loras(w: &DecoderTensors, name: &str) -> Result<(usize, f64, Vec<[Option<Lora>; 4]>)> {
+    let first = w.layers.iter().flat_map(|l| l.proj.iter()).find_map(|p| p.lora.as_ref());
+    let Some((a, _, scale)) = first else {
+        return Err(Error::Request(format!("the checkpoint has no {name} adapter to continue; start a fresh one (--rank)")));
     };
-    let cfg = cfg.ok_or_else(|| Error::Request(format!("the checkpoint has no {name} adapter to continue; start a fresh one (--rank)")))?;
+    let rank = a.dim(0)?;
     let mut out = Vec::with_capacity(w.layers.len());
     for l in &w.layers {
         let pair = |j: usize| -> Result<Option<Lora>> {
@@ -224,7 +293,7 @@ fn checkpoint_loras(engine: &Engine, w: &DecoderTensors, name: &str) -> Result<(
         };
         out.push([pair(0)?, pair(1)?, pair(2)?, pair(3)?]);
     }
-    Ok((cfg.r, cfg.lora_alpha, out))
+    Ok((rank, scale * rank as f64, out))
 }
 
 /// New pairs on every projection: A uniform in ±1/√in (PEFT's `kaiming_uniform_(a=√5)`), B zero.
