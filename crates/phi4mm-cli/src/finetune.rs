@@ -85,12 +85,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let train = eval::read_examples(&a.train)?;
     let held = a.eval.as_deref().map(eval::read_examples).transpose()?;
     let (mut engine, _) = a.model.load()?;
-    // Free what the run does not use: the other mode's adapter, and this mode's when a fresh
-    // one replaces it.
-    engine.drop_adapter(if adapter == Adapter::Speech { Adapter::Vision } else { Adapter::Speech });
-    if a.rank.is_some() {
-        engine.drop_adapter(adapter);
-    }
+    let tensors = engine.decoder().tensors(adapter)?;
+    free_unused(&mut engine, adapter, &train, held.as_deref());
     let opts = TrainOptions {
         adapter,
         optim: AdamWConfig { lr: a.lr, weight_decay: a.weight_decay, ..AdamWConfig::default() },
@@ -99,7 +95,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         fresh: a.rank.map(|r| (r, a.alpha.unwrap_or(2.0 * r as f64))),
         seed: a.seed,
     };
-    let mut trainer = Trainer::new(&engine, opts)?;
+    let mut trainer = Trainer::with_tensors(&engine, tensors, opts)?;
     if let Some(dir) = &a.resume {
         trainer.resume(dir).with_context(|| format!("resuming from {}", dir.display()))?;
     }
@@ -109,6 +105,20 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     save(&trainer, &a.out, &a.model.model)?;
     eprintln!("saved the {} adapter to {}", adapter.name(), a.out.display());
     Ok(())
+}
+
+/// Frees what the run does not use: both adapters in the engine (the trainer holds its own
+/// f32 copy of the trained one), and the encoder no example needs.
+fn free_unused(engine: &mut phi4mm::Engine, adapter: Adapter, train: &[Example], held: Option<&[Example]>) {
+    engine.drop_adapter(Adapter::Speech);
+    engine.drop_adapter(Adapter::Vision);
+    let all = || train.iter().chain(held.unwrap_or(&[]));
+    if adapter == Adapter::Speech || all().all(|e| e.images.is_empty()) {
+        engine.drop_vision_encoder();
+    }
+    if all().all(|e| e.audios.is_empty()) {
+        engine.drop_audio_encoder();
+    }
 }
 
 /// One training run's fixed inputs.

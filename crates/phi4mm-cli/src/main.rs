@@ -57,7 +57,7 @@ enum Command {
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any other thread
-    // exists.
+    // exists (only argument parsing ran before).
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
@@ -65,8 +65,12 @@ fn keep_freed_memory() {
 }
 
 fn main() {
-    keep_freed_memory();
     let cli = Cli::parse();
+    // Training frees and reallocates gigabytes of gradients every update: there glibc's own
+    // thresholds return them to the system instead of keeping them resident.
+    if !matches!(cli.command, Command::Finetune(_)) {
+        keep_freed_memory();
+    }
     let level = match cli.verbose {
         0 => "warn",
         1 => "debug",

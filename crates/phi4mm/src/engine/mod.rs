@@ -198,6 +198,17 @@ impl Engine {
         self.decoder.drop_adapter(adapter);
     }
 
+    /// Frees the image encoder (a speech fine-tune); image requests fail afterwards.
+    pub fn drop_vision_encoder(&mut self) {
+        self.vision = None;
+    }
+
+    /// Frees the audio encoder (a vision fine-tune without audio); audio requests fail
+    /// afterwards.
+    pub fn drop_audio_encoder(&mut self) {
+        self.audio = None;
+    }
+
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
     }

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Tensor, Var, D};
 
-use crate::decoder::{DecoderTensors, ProjTensors};
+use crate::decoder::{DecoderTensors, LayerTensors, ProjTensors};
 use crate::error::Result;
 use crate::kernels::frozen_linear;
 
@@ -82,25 +82,70 @@ fn attention(w: &DecoderTensors, h: &Tensor, qkv_w: &ProjTensors, o_w: &ProjTens
     project(&out, o_w, loras[1])
 }
 
-/// Sum over the target rows of −log p(target): `embeds` `[n, hidden]` are the input rows
-/// (prompt with media merged, then the target but its last token), `targets` the ids that rows
-/// `n − targets.len() ..` must predict. `loras[layer][proj]` are the trained pairs.
-pub fn target_nll(w: &DecoderTensors, loras: &[[Option<Lora>; 4]], embeds: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let n = embeds.dim(0)?;
-    let cs = w.rope.cos_sin(0, n, w.rope.is_long(n), DType::F32, &w.device)?;
-    let mut x = embeds.clone();
-    for (l, lw) in w.layers.iter().zip(loras) {
-        let h = rms_norm(&x, &l.input_norm, w.eps)?;
-        x = (x + attention(w, &h, &l.proj[0], &l.proj[1], [lw[0].as_ref(), lw[1].as_ref()], &cs)?)?;
-        let h = rms_norm(&x, &l.post_norm, w.eps)?;
-        let gu = project(&h, &l.proj[2], lw[2].as_ref())?;
-        let inter = gu.dim(1)? / 2;
-        let act = (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?;
-        x = (x + project(&act, &l.proj[3], lw[3].as_ref())?)?;
-    }
-    let k = targets.len();
+/// One decoder block on `x` `[n, hidden]` with its trained pairs `lw`.
+fn block(w: &DecoderTensors, l: &LayerTensors, lw: &[Option<Lora>; 4], x: &Tensor, cs: &(Tensor, Tensor)) -> Result<Tensor> {
+    let h = rms_norm(x, &l.input_norm, w.eps)?;
+    let x = (x + attention(w, &h, &l.proj[0], &l.proj[1], [lw[0].as_ref(), lw[1].as_ref()], cs)?)?;
+    let h = rms_norm(&x, &l.post_norm, w.eps)?;
+    let gu = project(&h, &l.proj[2], lw[2].as_ref())?;
+    let inter = gu.dim(1)? / 2;
+    let act = (gu.narrow(1, 0, inter)?.silu()? * gu.narrow(1, inter, inter)?)?;
+    Ok((x + project(&act, &l.proj[3], lw[3].as_ref())?)?)
+}
+
+/// Final norm, tied LM head and the summed −log p of `targets` on the last rows of `x`.
+fn head_nll(w: &DecoderTensors, x: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (n, k) = (x.dim(0)?, targets.len());
     let last = rms_norm(&x.narrow(0, n - k, k)?, &w.norm, w.eps)?;
     let logp = log_softmax(&frozen_linear(&last, &w.embed)?.to_dtype(DType::F32)?)?; // [k, vocab]
     let idx = Tensor::from_vec(targets.to_vec(), (k, 1), &w.device)?;
     Ok(logp.gather(&idx, 1)?.sum_all()?.neg()?)
+}
+
+fn tables(w: &DecoderTensors, n: usize) -> Result<(Tensor, Tensor)> {
+    w.rope.cos_sin(0, n, w.rope.is_long(n), DType::F32, &w.device)
+}
+
+/// Sum over the target rows of −log p(target), forward only: `embeds` `[n, hidden]` are the
+/// input rows (prompt with media merged, then the target but its last token), `targets` the
+/// ids that rows `n − targets.len() ..` must predict. `loras[layer][proj]` are the trained pairs.
+pub fn target_nll(w: &DecoderTensors, loras: &[[Option<Lora>; 4]], embeds: &Tensor, targets: &[u32]) -> Result<f64> {
+    let cs = tables(w, embeds.dim(0)?)?;
+    let mut x = embeds.clone();
+    for (l, lw) in w.layers.iter().zip(loras) {
+        x = block(w, l, lw, &x, &cs)?.detach();
+    }
+    Ok(head_nll(w, &x, targets)?.to_scalar::<f32>()? as f64)
+}
+
+/// `scale` × [`target_nll`] and its gradient for every trained pair, handed to `sink` as
+/// (variable, f32 gradient). Checkpointed by block: the forward keeps only each block's input,
+/// and the backward recomputes one block at a time (its graph, and so its activations, live only
+/// while its gradient is taken), as `gradient_checkpointing` does in the official recipes.
+pub fn nll_backward(w: &DecoderTensors, loras: &[[Option<Lora>; 4]], embeds: &Tensor, targets: &[u32], scale: f64, sink: &mut dyn FnMut(&Var, Tensor) -> Result<()>) -> Result<f64> {
+    let cs = tables(w, embeds.dim(0)?)?;
+    let mut inputs = Vec::with_capacity(w.layers.len());
+    let mut x = embeds.clone();
+    for (l, lw) in w.layers.iter().zip(loras) {
+        let next = block(w, l, lw, &x, &cs)?.detach();
+        inputs.push(std::mem::replace(&mut x, next));
+    }
+    let top = Var::from_tensor(&x)?;
+    let nll = (head_nll(w, top.as_tensor(), targets)? * scale)?;
+    let loss = nll.to_scalar::<f32>()? as f64;
+    let mut grads = nll.backward()?;
+    let mut gx = grads.remove(top.as_tensor()).ok_or_else(|| crate::error::Error::Request("no gradient reached the last block".into()))?;
+    for ((l, lw), x) in w.layers.iter().zip(loras).zip(inputs).rev() {
+        let input = Var::from_tensor(&x)?;
+        let y = block(w, l, lw, input.as_tensor(), &cs)?;
+        // d(Σ y·g)/dθ = gᵀ ∂y/∂θ: the block's share of the chain rule.
+        let mut grads = (y.to_dtype(DType::F32)? * gx.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        for v in lw.iter().flatten().flat_map(|p| [&p.a, &p.b]) {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                sink(v, g)?;
+            }
+        }
+        gx = grads.remove(input.as_tensor()).ok_or_else(|| crate::error::Error::Request("no gradient reached a block's input".into()))?;
+    }
+    Ok(loss)
 }

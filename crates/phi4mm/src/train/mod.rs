@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::eval::{Example, Task};
 use crate::{GenerateRequest, MediaInput, Message, PromptInput};
 pub use adamw::{AdamW, AdamWConfig};
-use forward::{target_nll, Lora};
+use forward::{nll_backward, target_nll, Lora};
 
 /// The optimizer state's file in a saved step's folder.
 pub const STATE_FILE: &str = "optimizer.safetensors";
@@ -87,12 +87,18 @@ pub struct Trainer<'e> {
 impl<'e> Trainer<'e> {
     /// Takes the decoder's weights and the adapter to train (the checkpoint's, or a fresh one).
     pub fn new(engine: &'e Engine, opts: TrainOptions) -> Result<Self> {
-        let w = engine.decoder().tensors(opts.adapter)?;
+        Self::with_tensors(engine, engine.decoder().tensors(opts.adapter)?, opts)
+    }
+
+    /// [`Trainer::new`] from tensors taken before the engine dropped its own copy of the
+    /// adapter ([`Engine::drop_adapter`]): the trainer keeps only its f32 variables of it.
+    pub fn with_tensors(engine: &'e Engine, mut w: DecoderTensors, opts: TrainOptions) -> Result<Self> {
         let name = opts.adapter.name();
         let (rank, alpha, loras) = match opts.fresh {
             Some((r, alpha)) => (r, alpha, fresh_loras(&w, r, alpha, opts.seed)?),
             None => checkpoint_loras(&w, name)?,
         };
+        w.layers.iter_mut().flat_map(|l| l.proj.iter_mut()).for_each(|p| p.lora = None);
         let sizes: Vec<usize> = loras.iter().flatten().flatten().flat_map(|l| [l.a.elem_count(), l.b.elem_count()]).collect();
         Ok(Trainer { engine, w, loras, opts, opt: AdamW::new(&sizes), rank, alpha })
     }
@@ -149,24 +155,23 @@ impl<'e> Trainer<'e> {
             return Err(Error::Request("the batch has no target tokens".into()));
         }
         let vars = self.vars();
-        let mut acc: Vec<Tensor> = Vec::new();
+        let index: std::collections::HashMap<_, usize> = vars.iter().enumerate().map(|(i, v)| (v.id(), i)).collect();
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss = 0.0;
         for item in items {
-            let nll = (target_nll(&self.w, &self.loras, &item.embeds, &item.targets)? / tokens as f64)?;
-            loss += nll.to_scalar::<f32>()? as f64;
-            let mut grads = nll.backward()?;
-            for (i, v) in vars.iter().enumerate() {
-                let g = match grads.remove(v.as_tensor()) {
-                    Some(g) => g.to_dtype(DType::F32)?,
-                    None => v.as_tensor().zeros_like()?,
-                };
-                match acc.get_mut(i) {
-                    Some(a) => *a = (&*a + g)?,
-                    None => acc.push(g),
-                }
-            }
+            let mut sink = |v: &Var, g: Tensor| -> Result<()> {
+                let slot = &mut acc[index[&v.id()]];
+                let g = g.to_dtype(DType::F32)?;
+                *slot = Some(match slot.take() {
+                    Some(a) => (a + g)?,
+                    None => g,
+                });
+                Ok(())
+            };
+            loss += nll_backward(&self.w, &self.loras, &item.embeds, &item.targets, 1.0 / tokens as f64, &mut sink)?;
         }
-        Ok((loss, acc, tokens))
+        let grads = acc.into_iter().zip(&vars).map(|(g, v)| g.map_or_else(|| Ok(v.as_tensor().zeros_like()?), Ok)).collect::<Result<Vec<_>>>()?;
+        Ok((loss, grads, tokens))
     }
 
     fn vars(&self) -> Vec<&Var> {
@@ -197,7 +202,7 @@ impl<'e> Trainer<'e> {
         let tokens: usize = items.iter().map(|i| i.targets.len()).sum();
         let mut sum = 0.0;
         for item in items {
-            sum += target_nll(&self.w, &self.loras, &item.embeds, &item.targets)?.to_scalar::<f32>()? as f64;
+            sum += target_nll(&self.w, &self.loras, &item.embeds, &item.targets)?;
         }
         Ok(sum / tokens.max(1) as f64)
     }
