@@ -5,6 +5,8 @@
 //! Hand-written rather than `candle_nn::optim::AdamW`: that one keeps its moments private (no
 //! resume from a saved step) and orders the arithmetic differently from torch.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 
 /// The optimizer's settings (the official recipes' values by default).
@@ -54,13 +56,13 @@ impl AdamW {
         let bc2_sqrt = ((1.0 - cfg.beta2.powi(t)).sqrt()) as f32;
         let (decay, step_size) = ((1.0 - lr * cfg.weight_decay) as f32, (lr / bc1) as f32);
         let (b1w, b2, b2w, eps) = ((1.0 - cfg.beta1) as f32, cfg.beta2 as f32, (1.0 - cfg.beta2) as f32, cfg.eps as f32);
-        for k in 0..p.len() {
-            p[k] *= decay;
-            m[k] += b1w * (g[k] - m[k]); // lerp
-            v[k] = v[k] * b2 + b2w * g[k] * g[k];
-            let denom = v[k].sqrt() / bc2_sqrt + eps;
-            p[k] -= step_size * (m[k] / denom);
-        }
+        p.par_iter_mut().zip(m.par_iter_mut()).zip(v.par_iter_mut()).zip(g.par_iter()).with_min_len(1 << 14).for_each(|(((p, m), v), &g)| {
+            *p *= decay;
+            *m += b1w * (g - *m); // lerp
+            *v = *v * b2 + b2w * g * g;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p -= step_size * (*m / denom);
+        });
         Ok(())
     }
 }
