@@ -96,3 +96,28 @@ fn vision_lora_gradients_and_updates_match_pytorch_peft() {
     let cases = read_json("finetune/cases.json");
     check_mode(cases["cases"].as_array().unwrap().iter().find(|c| c["mode"] == "vision").unwrap());
 }
+
+#[test]
+fn a_fresh_adapter_starts_as_no_adapter_and_moves_b_first() {
+    // PEFT's initialisation: B = 0, so the pair adds nothing and dL/dA = 0 at step 0.
+    let engine = load_tiny(DType::F32);
+    let cases = read_json("finetune/cases.json");
+    let case = cases["cases"].as_array().unwrap().iter().find(|c| c["mode"] == "speech").unwrap();
+    let opts = TrainOptions { fresh: Some((4, 8.0)), seed: 7, ..TrainOptions::recipe(Adapter::Speech) };
+    let trainer = Trainer::new(&engine, opts).unwrap();
+    assert_eq!(trainer.rank_alpha(), (4, 8.0));
+    let items: Vec<_> = examples(case).iter().map(|ex| trainer.item(ex, &Task::Asr).unwrap()).collect();
+    let (_, grads, _) = trainer.loss_and_grads(&items).unwrap();
+    for ((name, t), g) in trainer.parameters().iter().zip(&grads) {
+        let (r, c) = t.dims2().unwrap();
+        if name.contains("lora_A") {
+            assert_eq!(r, 4);
+            let bound = 1.0 / (c as f32).sqrt();
+            assert!(f32s(t).iter().all(|x| x.abs() <= bound) && f32s(t).iter().any(|x| *x != 0.0), "{name}: A not uniform in ±1/√in");
+            assert!(g.iter().all(|x| *x == 0.0), "{name}: A moved before B");
+        } else {
+            assert!(f32s(t).iter().all(|x| *x == 0.0), "{name}: B does not start at zero");
+            assert!(g.iter().any(|x| *x != 0.0), "{name}: B got no gradient");
+        }
+    }
+}
