@@ -3,9 +3,11 @@
 
     python3 bench/compare_finetune.py MODEL_DIR --python /path/to/venv/bin/python
         [--updates 3] [--threads 2] [--work DIR] [--clips 4] [--max-new-tokens 16] [--skip-torch]
+        [--mode speech|vision] [--part train|eval|both]
 
 Training: one speech-LoRA update per step on a 10-second clip (fixtures/audio/speech_10s_16k.wav)
-with a 28-token target, batch 1, run `--updates` times by `phi4mm finetune` and then by
+with a 28-token target (or with --mode vision a vision-LoRA update on fixtures/images/hd_1280x720.png
+with a question and a 10-token answer), batch 1, run `--updates` times by `phi4mm finetune` and then by
 reference/bench_finetune_torch.py (PyTorch + PEFT, the official recipe's step: bf16, gradient
 checkpointing, AdamW, clipping), one engine at a time. Reports each engine's update seconds (the
 first update apart: it pays page faults and warm-up), peak RSS, and phi4mm's speedup.
@@ -30,6 +32,9 @@ PHI4MM = os.path.join(ROOT, "target", "release", "phi4mm")
 CLIP = os.path.join(ROOT, "fixtures", "audio", "speech_10s_16k.wav")
 TEXT = ("The weather was calm this morning, so we took the early train to the coast. "
         "At noon we ate fresh bread and cheese.")
+IMAGE = os.path.join(ROOT, "fixtures", "images", "hd_1280x720.png")
+QUESTION = "What is shown in this image?"
+ANSWER = "A picture with several coloured shapes."
 EVAL_CLIPS = ["speech_10s_16k.wav", "speech_1s_16k.wav", "speech_8k.wav", "speech_48k_stereo.wav"]
 
 
@@ -42,7 +47,7 @@ def run(cmd, env):
 
 def train_phi4mm(a, env, data):
     out_dir = os.path.join(a.work, "phi4mm-adapter")
-    run([PHI4MM, "finetune", "-m", a.model_dir, "--mode", "speech", "--train", data, "--out", out_dir,
+    run([PHI4MM, "finetune", "-m", a.model_dir, "--mode", a.mode, "--train", data, "--out", out_dir,
          "--epochs", str(a.updates), "--batch-size", "1", "--warmup-steps", "0", "--threads", str(a.threads)], env)
     log = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     return {"updates": [{"loss": r["loss"], "seconds": r["seconds"]} for r in log],
@@ -51,7 +56,8 @@ def train_phi4mm(a, env, data):
 
 def train_torch(a, env, data):
     script = os.path.join(ROOT, "reference", "bench_finetune_torch.py")
-    out, _ = run([a.python, script, a.model_dir, "--data", data, "--updates", str(a.updates), "--threads", str(a.threads)], env)
+    out, _ = run([a.python, script, a.model_dir, "--data", data, "--mode", a.mode, "--updates", str(a.updates),
+                  "--threads", str(a.threads)], env)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -61,13 +67,15 @@ def steady(r):
 
 
 def bench_train(a, env):
-    data = os.path.join(a.work, "clip.jsonl")
+    data = os.path.join(a.work, f"{a.mode}.jsonl")
+    line = {"audio": CLIP, "target": TEXT} if a.mode == "speech" else {"image": IMAGE, "instruction": QUESTION, "target": ANSWER}
     with open(data, "w") as f:
-        f.write(json.dumps({"audio": CLIP, "target": TEXT}) + "\n")
+        f.write(json.dumps(line) + "\n")
     results = {"phi4mm": train_phi4mm(a, env, data)}
     if not a.skip_torch:
         results["pytorch+peft"] = train_torch(a, env, data)
-    print(f"\nspeech-LoRA update, 10 s clip, {a.threads} threads, batch 1 ({a.updates} updates each)")
+    what = "10 s clip" if a.mode == "speech" else "1280x720 image"
+    print(f"\n{a.mode}-LoRA update, {what}, {a.threads} threads, batch 1 ({a.updates} updates each)")
     print(f"{'engine':14s} {'first s':>9s} {'update s':>9s} {'peak RSS GiB':>13s}  losses")
     for name, r in results.items():
         print(f"{name:14s} {r['updates'][0]['seconds']:9.2f} {steady(r):9.2f} {r['peak_rss_bytes'] / 2**30:13.2f}  "
@@ -107,6 +115,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--part", choices=["train", "eval", "both"], default="both")
+    ap.add_argument("--mode", choices=["speech", "vision"], default="speech")
     a = ap.parse_args()
     if not os.path.exists(PHI4MM):
         sys.exit(f"{PHI4MM} is missing: cargo build --release -p phi4mm-cli")
@@ -117,7 +126,7 @@ def main():
         out["train"] = bench_train(a, env)
     if a.part in ("eval", "both"):
         out["eval"] = bench_eval(a, env)
-    with open(os.path.join(a.work, "results.json"), "w") as f:
+    with open(os.path.join(a.work, f"results-{a.mode}.json"), "w") as f:
         json.dump(out, f, indent=1)
 
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""CPU baseline for `phi4mm finetune`: speech-LoRA training updates with PyTorch + PEFT on a hub-layout checkpoint.
+"""CPU baseline for `phi4mm finetune`: LoRA training updates with PyTorch + PEFT on a hub-layout checkpoint.
 
-    python reference/bench_finetune_torch.py MODEL_DIR --data clip.jsonl [--updates 3] [--threads 2]
+    python reference/bench_finetune_torch.py MODEL_DIR --data clip.jsonl [--mode speech|vision] [--updates 3] [--threads 2]
 
 The official speech recipe's step (hub `sample_finetune_speech.py`) on one example: the native
 Phi4MultimodalForCausalLM in bf16 (loaded as reference/bench_transformers.py does: one copy, no mmap), the hub's
-speech LoRA put into a PEFT adapter (r / alpha from config.json, dropout 0 so both engines do the same step),
+mode's LoRA (speech by default) put into a PEFT adapter (r / alpha from config.json, dropout 0 so both engines do the same step),
 only its A/B trainable, gradient checkpointing (use_reentrant=False, as the recipe), AdamW (betas 0.9/0.95,
 eps 1e-7, weight decay 0.01, lr 4e-5), clip_grad_norm_ 1.0. The data line is the first of --data (phi4mm's
-format: {"audio", "target", "instruction"?}); prompt "<|audio_1|>Transcribe the audio clip into text." through
-the chat template, target answer<|end|><|endoftext|>, labels -100 on the prompt. Prints ONE JSON line:
+format: {"audio" | "image", "target", "instruction"?}); prompt "<|audio_1|>Transcribe the audio clip into text."
+(speech) or "<|image_1|>" + the instruction (vision, image through the original processor) through the chat template, target answer<|end|><|endoftext|>, labels -100 on the prompt. Prints ONE JSON line:
 {"engine": "pytorch+peft", "updates": [{"loss", "seconds"}...], "peak_rss_bytes", "load_s", "torch", "peft"}.
 """
 import argparse, json, os, resource, sys, time
@@ -39,12 +39,30 @@ def lora_from_hub(model, model_dir, mode):
     return list(params.values())
 
 
+def inputs(mode, ex, base, tok):
+    """Expanded prompt ids and the model's media arguments for one example."""
+    if mode == "speech":
+        feats = ma.original_features(*ma.load_audio(os.path.join(base, ex["audio"])))[0]
+        n_aud = ma.num_tokens(len(feats))
+        content = ex.get("instruction") or "<|audio_1|>Transcribe the audio clip into text."
+        prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        return ma.expand(tok, prompt, [], [n_aud]), {"audio_input_features": torch.from_numpy(feats)[None],
+                                                     "audio_embed_sizes": torch.tensor([n_aud]), "audio_attention_mask": None}
+    from PIL import Image
+    import make_vision as mv  # the original processor's preprocessing, placeholder expansion, batching
+    pre = mv.preprocess(Image.open(os.path.join(base, ex["image"])))
+    content = "<|image_1|>" + ex["instruction"]
+    prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return mv.expand(tok, prompt, [pre["num_img_tokens"]]), mv.batch([pre])  # f32 pixels; the embedding casts
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("--data", required=True)
     ap.add_argument("--updates", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mode", choices=["speech", "vision"], default="speech")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from peft import LoraConfig, get_peft_model
@@ -53,27 +71,21 @@ def main():
     t0 = time.time()
     model, cfg = bt.load_model(a.model_dir, torch.bfloat16, decoder_only=False)
     with open(os.path.join(a.model_dir, "config.json")) as f:
-        lcfg = json.load(f)["speech_lora"]
+        lcfg = json.load(f)[a.mode + "_lora"]
     model = get_peft_model(model, LoraConfig(r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=0.0,
                                              target_modules=TARGET, bias="none"))
-    params = lora_from_hub(model, a.model_dir, "speech")
+    params = lora_from_hub(model, a.model_dir, a.mode)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     load_s = time.time() - t0
     ex = json.loads(open(a.data).readline())
     base = os.path.dirname(os.path.abspath(a.data))
-    feats = ma.original_features(*ma.load_audio(os.path.join(base, ex["audio"])))[0]
-    n_aud = ma.num_tokens(len(feats))
     tok = TokenizersBackend.from_pretrained(a.model_dir)
-    content = ex.get("instruction") or "<|audio_1|>Transcribe the audio clip into text."
-    prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-    ids = ma.expand(tok, prompt, [], [n_aud])
+    ids, media = inputs(a.mode, ex, base, tok)
     target = tok(ex["target"] + "<|end|><|endoftext|>")["input_ids"]
     input_ids = torch.tensor([ids + target])
     labels = torch.full_like(input_ids, -100)
     labels[0, len(ids):] = torch.tensor(target)
-    media = {"audio_input_features": torch.from_numpy(feats)[None],  # f32; the audio embedding casts it
-             "audio_embed_sizes": torch.tensor([n_aud]), "audio_attention_mask": None}
     opt = torch.optim.AdamW(params, lr=4e-5, betas=(0.9, 0.95), eps=1e-7, weight_decay=0.01)
     updates = []
     for _ in range(a.updates):
@@ -85,7 +97,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         updates.append({"loss": loss.item(), "seconds": time.perf_counter() - ts})
         print(f"update {len(updates)}: {updates[-1]}", file=sys.stderr, flush=True)
-    print(json.dumps({"engine": "pytorch+peft", "updates": updates, "prompt_tokens": len(ids), "target_tokens": len(target),
+    print(json.dumps({"engine": "pytorch+peft", "updates": updates, "mode": a.mode, "prompt_tokens": len(ids), "target_tokens": len(target),
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "load_s": load_s,
                       "torch": torch.__version__, "peft": peft.__version__}))
 

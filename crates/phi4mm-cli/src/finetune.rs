@@ -84,6 +84,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     }
     let train = eval::read_examples(&a.train)?;
     let held = a.eval.as_deref().map(eval::read_examples).transpose()?;
+    phi4mm::train::check_media(adapter, &train).with_context(|| a.train.display().to_string())?;
+    if let (Some(h), Some(path)) = (&held, &a.eval) {
+        phi4mm::train::check_media(adapter, h).with_context(|| path.display().to_string())?;
+    }
     let (mut engine, _) = a.model.load()?;
     let tensors = engine.decoder().tensors(adapter)?;
     free_unused(&mut engine, adapter, &train, held.as_deref());

@@ -119,14 +119,8 @@ impl<'e> Trainer<'e> {
         let mut req = GenerateRequest::new(PromptInput::Chat(vec![Message::new("user", ex.user_prompt(task)?)]));
         req.audios = ex.audios.iter().cloned().map(MediaInput::Path).collect();
         req.images = ex.images.iter().cloned().map(MediaInput::Path).collect();
+        check_media(self.opts.adapter, std::slice::from_ref(ex))?;
         let prepared = self.engine.prepare(&req).map_err(|e| Error::Request(format!("line {}: {e}", ex.line)))?;
-        if prepared.mode.adapter() != Some(self.opts.adapter) {
-            let need = match self.opts.adapter {
-                Adapter::Speech => "audio and no image",
-                Adapter::Vision => "an image",
-            };
-            return Err(Error::Request(format!("line {}: a {} fine-tune needs {need} in every example", ex.line, self.opts.adapter.name())));
-        }
         let prompt = self.engine.embed_prompt(&prepared)?;
         self.item_from(&prompt, &ex.target)
     }
@@ -280,6 +274,22 @@ impl<'e> Trainer<'e> {
         self.opt = opt;
         Ok(())
     }
+}
+
+/// Errors on the first example whose media does not select `adapter` (speech: audio and no
+/// image; vision: an image), naming its line.
+pub fn check_media(adapter: Adapter, examples: &[Example]) -> Result<()> {
+    for ex in examples {
+        let mode = crate::Mode::from_media(ex.images.len(), ex.audios.len());
+        if mode.adapter() != Some(adapter) {
+            let need = match adapter {
+                Adapter::Speech => "audio and no image",
+                Adapter::Vision => "an image",
+            };
+            return Err(Error::Request(format!("line {}: a {} fine-tune needs {need} in every example", ex.line, adapter.name())));
+        }
+    }
+    Ok(())
 }
 
 /// The loaded pairs of `name` (the checkpoint's, or an adapter loaded over them) as f32
