@@ -1,4 +1,4 @@
-//! Fine-tuning a LoRA adapter of the decoder (the official recipes, spec of issue 18): the
+//! Fine-tuning a LoRA adapter of the decoder (the official fine-tuning recipes): the
 //! prompt goes through the chat template with its media encoded by the engine (frozen), the
 //! target is `answer<|end|><|endoftext|>`, and the loss is the mean −log p over the target
 //! tokens of the whole global batch — only the target tokens: the official scripts pad the
