@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use phi4mm::eval::{self, BleuTokenize, Example, Scores, Task};
-use phi4mm::{Engine, Event, MediaInput, Message, PromptInput, RequestId, Scheduler};
+use phi4mm::{Engine, Event, RequestId, Scheduler};
 
 use crate::common::ModelArgs;
 use crate::run::GenArgs;
@@ -118,7 +118,7 @@ fn predict(engine: &Engine, a: &EvalArgs, task: &Task, examples: &[Example]) -> 
     while next < examples.len() || !pending.is_empty() {
         while next < examples.len() && pending.len() < 2 * a.batch.max(1) {
             let ex = &examples[next];
-            let id = sched.submit(request(a, task, ex)?).with_context(|| format!("line {}", ex.line))?;
+            let id = sched.submit(ex.request(task, |p| a.gen.request(p))?).with_context(|| format!("line {}", ex.line))?;
             pending.insert(id, next);
             next += 1;
         }
@@ -137,13 +137,6 @@ fn predict(engine: &Engine, a: &EvalArgs, task: &Task, examples: &[Example]) -> 
     }
     bar.finish_and_clear();
     Ok(examples.iter().zip(preds).map(|(ex, p)| Row { line: ex.line, reference: ex.target.clone(), prediction: p.unwrap_or_default() }).collect())
-}
-
-fn request(a: &EvalArgs, task: &Task, ex: &Example) -> Result<phi4mm::GenerateRequest> {
-    let mut req = a.gen.request(PromptInput::Chat(vec![Message::new("user", ex.user_prompt(task)?)]));
-    req.audios = ex.audios.iter().cloned().map(MediaInput::Path).collect();
-    req.images = ex.images.iter().cloned().map(MediaInput::Path).collect();
-    Ok(req)
 }
 
 fn write_rows(path: &std::path::Path, rows: &[Row]) -> Result<()> {

@@ -213,6 +213,11 @@ impl Layer {
     fn projections(&self) -> [&LoraLinear; 4] {
         [&self.self_attn.qkv_proj, &self.self_attn.o_proj, &self.mlp.gate_up_proj, &self.mlp.down_proj]
     }
+
+    /// [`Layer::projections`], mutable.
+    fn projections_mut(&mut self) -> [&mut LoraLinear; 4] {
+        [&mut self.self_attn.qkv_proj, &mut self.self_attn.o_proj, &mut self.mlp.gate_up_proj, &mut self.mlp.down_proj]
+    }
 }
 
 fn lora_set(cfg: &ModelConfig) -> [(Adapter, Option<&crate::model::config::LoraConfig>); 2] {

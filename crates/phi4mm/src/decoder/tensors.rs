@@ -71,8 +71,7 @@ impl Decoder {
         let dtype = self.dtype;
         let mut used = 0;
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let projs = [&mut l.self_attn.qkv_proj, &mut l.self_attn.o_proj, &mut l.mlp.gate_up_proj, &mut l.mlp.down_proj];
-            for (p, proj) in PROJ_NAMES.iter().zip(projs) {
+            for (p, proj) in PROJ_NAMES.iter().zip(l.projections_mut()) {
                 let get = |ab: &str| {
                     let name = format!("model.layers.{i}.{p}.lora_{ab}.{n}.weight");
                     tensors.get(&name).ok_or(Error::MissingTensor(name))
@@ -91,7 +90,7 @@ impl Decoder {
     /// Frees `adapter` (a trainer that does not use it).
     pub fn drop_adapter(&mut self, adapter: Adapter) {
         for l in &mut self.layers {
-            for p in [&mut l.self_attn.qkv_proj, &mut l.self_attn.o_proj, &mut l.mlp.gate_up_proj, &mut l.mlp.down_proj] {
+            for p in l.projections_mut() {
                 p.drop_pair(adapter);
             }
         }

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::{GenerateRequest, MediaInput, Message, PromptInput};
 
 /// What a set asks of the model, and so which prompt and which metrics it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,15 @@ pub struct Example {
 }
 
 impl Example {
+    /// The request for `task`: the user turn of [`Example::user_prompt`] handed to `make` (which
+    /// sets the generation settings), with this example's images and audios.
+    pub fn request(&self, task: &Task, make: impl FnOnce(PromptInput) -> GenerateRequest) -> Result<GenerateRequest> {
+        let mut req = make(PromptInput::Chat(vec![Message::new("user", self.user_prompt(task)?)]));
+        req.audios = self.audios.iter().cloned().map(MediaInput::Path).collect();
+        req.images = self.images.iter().cloned().map(MediaInput::Path).collect();
+        Ok(req)
+    }
+
     /// The user turn for `task`: the instruction with a placeholder for every image and audio
     /// it does not already name (images first, as the model card's prompts put them).
     pub fn user_prompt(&self, task: &Task) -> Result<String> {

@@ -19,7 +19,7 @@ use crate::decoder::{DecoderTensors, PROJ_NAMES};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eval::{Example, Task};
-use crate::{GenerateRequest, MediaInput, Message, PromptInput};
+use crate::GenerateRequest;
 pub use adamw::{AdamW, AdamWConfig};
 use forward::{nll_backward, target_nll, Lora};
 
@@ -116,9 +116,7 @@ impl<'e> Trainer<'e> {
     /// Prepares `ex` for `task`: prompt through the chat template, media encoded, target
     /// tokenised. Errors name the line when its media does not select the trained adapter.
     pub fn item(&self, ex: &Example, task: &Task) -> Result<TrainItem> {
-        let mut req = GenerateRequest::new(PromptInput::Chat(vec![Message::new("user", ex.user_prompt(task)?)]));
-        req.audios = ex.audios.iter().cloned().map(MediaInput::Path).collect();
-        req.images = ex.images.iter().cloned().map(MediaInput::Path).collect();
+        let req = ex.request(task, GenerateRequest::new)?;
         check_media(self.opts.adapter, std::slice::from_ref(ex))?;
         let prepared = self.engine.prepare(&req).map_err(|e| Error::Request(format!("line {}: {e}", ex.line)))?;
         let prompt = self.engine.embed_prompt(&prepared)?;
